@@ -1,0 +1,29 @@
+"""An interactive analysis facility for high-energy physics.
+
+``facility.run(processor, dataset)`` runs a coffea processor over a catalog dataset on the
+configured Dask cluster; ``facility.load_config()`` reads the one configuration everything uses.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The XRootD client retries an unreachable server for minutes by default; a facility fails over
+# to the next replica instead. Set before the client library is first loaded; users may override.
+os.environ.setdefault("XRD_CONNECTIONRETRY", "1")
+os.environ.setdefault("XRD_CONNECTIONWINDOW", "5")
+os.environ.setdefault("XRD_REQUESTTIMEOUT", "60")
+
+from facility.config import FacilityConfig, load_config  # noqa: E402
+
+__all__ = ["FacilityConfig", "load_config", "run"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``facility.run`` without importing coffea for every ``facility`` command."""
+    if name == "run":
+        from facility.processing.runner import run
+
+        return run
+    raise AttributeError(f"module 'facility' has no attribute {name!r}")

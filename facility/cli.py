@@ -1,0 +1,218 @@
+"""The ``facility`` command: up / down / status / run / data / bench / demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from facility.config import ConfigError, FacilityConfig, load_config
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _config(args: argparse.Namespace) -> FacilityConfig:
+    return load_config(args.config)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from facility.embedded.facility import up
+
+    config = _config(args)
+    up(config, report=console.print)
+    console.print(f"state and logs: {config.state_path}")
+    console.print("stop everything with: facility down")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from facility.embedded.facility import down
+
+    down(_config(args), report=console.print)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from facility.embedded.facility import status
+
+    table = Table("service", "state", "pid", "ports", "log")
+    states = status(_config(args))
+    for s in states:
+        state = "healthy" if s.healthy else ("running, not ready" if s.running else "stopped")
+        table.add_row(s.name, state, str(s.pid or "-"), ",".join(map(str, s.ports)) or "-",
+                      str(s.log))
+    console.print(table)
+    return 0 if all(s.healthy for s in states) else 3
+
+
+def cmd_data_generate(args: argparse.Namespace) -> int:
+    from facility.data.samples import generate_samples
+
+    config = _config(args)
+    catalog = generate_samples(config, args.sample or None, force=args.force, report=console.print)
+    console.print(f"catalog {config.catalog_path}: {', '.join(sorted(catalog.datasets))}")
+    return 0
+
+
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from facility.data.catalog import load_catalog
+
+    catalog = load_catalog(_config(args).catalog_path)
+    table = Table("dataset", "files", "events", "data/MC", "regions")
+    for name, ds in sorted(catalog.datasets.items()):
+        regions = sorted({r.region for f in ds.files for r in f.replicas})
+        table.add_row(name, str(len(ds.files)), f"{ds.events:,}",
+                      "data" if ds.metadata.is_data else "MC", ", ".join(regions))
+    console.print(table)
+    return 0
+
+
+def cmd_data_show(args: argparse.Namespace) -> int:
+    from facility.data.catalog import load_catalog
+
+    ds = load_catalog(_config(args).catalog_path).get(args.name)
+    console.print(f"[bold]{args.name}[/bold]  tree={ds.tree}  events={ds.events:,}  "
+                  f"metadata={ds.metadata.model_dump(exclude_none=True)}")
+    for entry in ds.files:
+        console.print(f"  {entry.name}  {entry.events:,} events")
+        for replica in entry.replicas:
+            console.print(f"    [{replica.region}] {replica.url}")
+    return 0
+
+
+def _progress_printer() -> tuple[Any, Callable[[Any], None]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("chunks"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[events]:>12,} events  {task.fields[rate]:>10,.0f} ev/s"),
+                   TimeElapsedColumn(), console=console, transient=False)
+    task = bar.add_task("run", total=None, events=0, rate=0.0)
+
+    def update(p: Any) -> None:
+        bar.update(task, completed=p.chunks_done, total=p.chunks_total, events=p.events,
+                   rate=p.events_per_second)
+
+    return bar, update
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    console.print(f"[bold]events[/bold] {summary['events']:,} in {summary['chunks']['done']} chunks "
+                  f"({summary['chunks']['skipped']} skipped, {summary['chunks']['retried']} retried) "
+                  f"on {summary['workers_used']} workers; {summary['wall_seconds']:.1f} s, "
+                  f"{summary['events_per_second']:,.0f} events/s")
+    for name, counts in summary["per_dataset"].items():
+        console.print(f"  {name}: {counts['events_processed']:,} of "
+                      f"{counts['events_in_catalog']:,} events, {counts['files']} files")
+    console.print(f"  replicas read: {', '.join(sorted(summary['replicas_used'])) or '-'}")
+    for item in summary["skipped"]:
+        console.print(f"  [yellow]skipped[/yellow] {item['file']} entries {item['entries']}: "
+                      f"{item['reason']}")
+    fit = summary.get("analysis", {}).get("fit")
+    if fit:
+        console.print(f"[bold]Z peak[/bold] fitted at {fit['peak']:.3f} ± {fit['peak_error']:.3f} "
+                      f"GeV (resolution {fit['sigma']:.2f} GeV, width {fit['width']:.2f} "
+                      f"GeV, χ²/ndf {fit['chi2_per_dof']:.2f})")
+    outputs = summary.get("outputs", {})
+    for key in ("histograms", "plot", "ledger"):
+        if key in outputs:
+            console.print(f"  {key}: {outputs[key]}")
+    if outputs.get("directory"):
+        console.print(f"  summary: {Path(outputs['directory']) / 'summary.json'}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from facility.processing.runner import run
+
+    config = _config(args)
+    bar, update = _progress_printer()
+    with bar:
+        result = run(args.processor, args.dataset, config=config, chunk_size=args.chunk_size,
+                     on_bad_input="skip" if args.skip_bad_input else None, progress=update,
+                     output=Path(args.output) if args.output else True)
+    print_summary(result.summary)
+    if args.json:
+        console.print_json(json.dumps(result.summary, default=str))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from facility.data.samples import generate_samples
+    from facility.embedded.facility import up
+    from facility.processing.runner import run
+
+    config = _config(args)
+    generate_samples(config, report=console.print)
+    up(config, report=console.print)
+    bar, update = _progress_printer()
+    with bar:
+        result = run("dimuon", args.dataset, config=config, progress=update)
+    print_summary(result.summary)
+    console.print("\nthe facility is still up; stop it with: [bold].venv/bin/facility down[/bold]")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from facility.processing.bench import bench_command
+
+    return bench_command(_config(args), args, console)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="facility", description=__doc__)
+    top.add_argument("--config", help="configuration file (default: $FACILITY_CONFIG or ./facility.yaml)")
+    sub = top.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the embedded facility").set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop the embedded facility").set_defaults(func=cmd_down)
+    sub.add_parser("status", help="show what runs").set_defaults(func=cmd_status)
+
+    run_p = sub.add_parser("run", help="run a processor over a dataset")
+    run_p.add_argument("processor", help="shipped name (dimuon, ttbar) or module:Class")
+    run_p.add_argument("--dataset", "-d", action="append", required=True)
+    run_p.add_argument("--chunk-size", type=int)
+    run_p.add_argument("--skip-bad-input", action="store_true",
+                       help="finish without unreadable files and report them")
+    run_p.add_argument("--output", help="output folder (default: a new one in the output area)")
+    run_p.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    run_p.set_defaults(func=cmd_run)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    gen = data.add_parser("generate", help="write the configured samples and catalog them")
+    gen.add_argument("sample", nargs="*")
+    gen.add_argument("--force", action="store_true")
+    gen.set_defaults(func=cmd_data_generate)
+    data.add_parser("list", help="datasets in the catalog").set_defaults(func=cmd_data_list)
+    show = data.add_parser("show", help="files and replicas of a dataset")
+    show.add_argument("name")
+    show.set_defaults(func=cmd_data_show)
+
+    demo = sub.add_parser("demo", help="generate samples, start the facility, run dimuon")
+    demo.add_argument("--dataset", default="DYJetsToMuMu")
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="facility vs plain coffea vs the raw read ceiling")
+    bench.add_argument("--events", type=int, default=2_000_000)
+    bench.add_argument("--files", type=int, default=4)
+    bench.add_argument("--workers", type=int, default=None)
+    bench.add_argument("--repeat", type=int, default=1)
+    bench.set_defaults(func=cmd_bench)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, ValueError, RuntimeError, LookupError, OSError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The one typed configuration of the facility.
+
+Everything that differs between sites (hosts, ports, paths, regions, limits) lives here and
+nowhere else. The same model is read by the command line, the notebook API and the workers; its
+JSON schema is what an operator's values are checked against.
+
+Configuration comes from a YAML file (``$FACILITY_CONFIG``, else ``./facility.yaml`` if present,
+else the built-in defaults) plus environment overrides of the form
+``FACILITY_<SECTION>__<KEY>=value`` (for example ``FACILITY_CLUSTER__MAX_WORKERS=8``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_ENV = "FACILITY_CONFIG"
+ENV_PREFIX = "FACILITY_"
+DEFAULT_FILE_NAME = "facility.yaml"
+
+Compression = Literal["zstd", "lz4", "zlib", "lzma"]
+SampleKind = Literal["drell_yan", "ttbar", "collision_data"]
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names the key, the source and what was expected."""
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a setting must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServeConfig(_Strict):
+    """How the embedded facility serves a region's files (a local XRootD server)."""
+
+    xrootd_port: int = Field(ge=1, le=65535, description="root:// port of this region's server")
+    http_port: int | None = Field(
+        default=None, ge=1, le=65535, description="https-style port (XrdHttp plugin), optional"
+    )
+    root_dir: Path | None = Field(
+        default=None, description="directory served; default <data_dir>/<region name>"
+    )
+
+
+class RegionConfig(_Strict):
+    """A storage region: where replicas live and how far it is from the compute."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    distance: int = Field(default=0, ge=0, description="lower is nearer; nearest is read first")
+    host: str = Field(default="localhost", description="host name of the region's data server")
+    serve: ServeConfig | None = Field(
+        default=None, description="set to run this region's server in the embedded facility"
+    )
+
+
+class ClusterConfig(_Strict):
+    """The Dask cluster a run uses."""
+
+    backend: Literal["local"] = "local"
+    min_workers: int = Field(default=1, ge=0)
+    max_workers: int = Field(default_factory=lambda: max(os.cpu_count() or 1, 1), ge=1)
+    threads_per_worker: int = Field(default=1, ge=1)
+    memory_limit: str = Field(default="4GiB", pattern=r"^\d+(\.\d+)?\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)$")
+    scheduler_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
+    dashboard_port: int = Field(default=8787, ge=0, le=65535)
+    worker_start_timeout: float = Field(default=120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> ClusterConfig:
+        if self.min_workers > self.max_workers:
+            raise ValueError(
+                f"min_workers ({self.min_workers}) is above max_workers ({self.max_workers})"
+            )
+        return self
+
+
+class ProcessingConfig(_Strict):
+    """How a dataset is cut into chunks and what happens to bad input."""
+
+    chunk_size: int = Field(default=250_000, ge=1, description="target events per chunk")
+    retries: int = Field(default=2, ge=0, description="resubmissions of a chunk after a transient error")
+    on_bad_input: Literal["fail", "skip"] = Field(
+        default="fail", description="fail: stop naming the file; skip: finish and report it"
+    )
+    open_timeout: int = Field(default=30, ge=1, description="seconds to open a remote file")
+    open_files_per_worker: int = Field(default=16, ge=1, description="open-file cache per worker")
+
+
+class SampleConfig(_Strict):
+    """A synthetic dataset that ``facility data generate`` writes."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: SampleKind
+    files: int = Field(default=2, ge=1)
+    events_per_file: int = Field(default=50_000, ge=1)
+    seed: int = 1
+    compression: Compression = "zstd"
+    cross_section_pb: float | None = Field(default=None, gt=0)
+
+
+def _default_regions() -> list[RegionConfig]:
+    return [
+        RegionConfig(name="east", distance=0, serve=ServeConfig(xrootd_port=11094, http_port=18094)),
+        RegionConfig(name="west", distance=10, serve=ServeConfig(xrootd_port=11095, http_port=18095)),
+    ]
+
+
+def _default_samples() -> list[SampleConfig]:
+    return [
+        SampleConfig(name="DYJetsToMuMu", kind="drell_yan", files=4, events_per_file=100_000,
+                     seed=11, cross_section_pb=2025.0),
+        SampleConfig(name="TTToSemiLeptonic", kind="ttbar", files=2, events_per_file=50_000,
+                     seed=22, cross_section_pb=365.3),
+        SampleConfig(name="SingleMuon", kind="collision_data", files=2, events_per_file=50_000,
+                     seed=33),
+    ]
+
+
+class FacilityConfig(_Strict):
+    """Top-level configuration. Relative paths are resolved against ``home``."""
+
+    home: Path = Field(default=Path(".facility"), description="base of all facility state")
+    state_dir: Path = Field(default=Path("state"), description="pid files, logs, runtime files")
+    data_dir: Path = Field(default=Path("data"), description="files served by embedded regions")
+    output_dir: Path = Field(default=Path("output"), description="users' run outputs")
+    catalog: Path = Field(default=Path("catalog.yaml"), description="dataset catalog (YAML)")
+    regions: list[RegionConfig] = Field(default_factory=_default_regions, min_length=1)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    processing: ProcessingConfig = Field(default_factory=ProcessingConfig)
+    samples: list[SampleConfig] = Field(default_factory=_default_samples)
+
+    @field_validator("regions")
+    @classmethod
+    def _unique_region_names(cls, regions: list[RegionConfig]) -> list[RegionConfig]:
+        names = [r.name for r in regions]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"region names must be unique, repeated: {', '.join(duplicated)}")
+        return regions
+
+    @field_validator("samples")
+    @classmethod
+    def _unique_sample_names(cls, samples: list[SampleConfig]) -> list[SampleConfig]:
+        names = [s.name for s in samples]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"sample names must be unique, repeated: {', '.join(duplicated)}")
+        return samples
+
+    def path(self, value: Path) -> Path:
+        """Resolve a configured path: absolute stays, relative hangs off ``home``."""
+        return value if value.is_absolute() else (self.home / value).resolve()
+
+    @property
+    def state_path(self) -> Path:
+        return self.path(self.state_dir)
+
+    @property
+    def data_path(self) -> Path:
+        return self.path(self.data_dir)
+
+    @property
+    def output_path(self) -> Path:
+        return self.path(self.output_dir)
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.path(self.catalog)
+
+    def region(self, name: str) -> RegionConfig:
+        for region in self.regions:
+            if region.name == name:
+                return region
+        known = ", ".join(r.name for r in self.regions)
+        raise ConfigError(f"unknown region {name!r}; configured regions: {known}")
+
+    def region_root(self, region: RegionConfig) -> Path:
+        """Directory holding a served region's files."""
+        if region.serve and region.serve.root_dir:
+            return self.path(region.serve.root_dir)
+        return self.data_path / region.name
+
+    def sample(self, name: str) -> SampleConfig:
+        for sample in self.samples:
+            if sample.name == name:
+                return sample
+        known = ", ".join(s.name for s in self.samples)
+        raise ConfigError(f"unknown sample {name!r}; configured samples: {known}")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """Nested settings from ``FACILITY_A__B=value``; values parse as YAML scalars."""
+    overrides: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        keys = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+        if not all(keys):
+            continue
+        target = overrides
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+        target[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        sources[keys] = name
+    return overrides, sources
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: Any, file: Path | None, env_sources: dict[tuple[str, ...], str]) -> str:
+    loc = tuple(str(part) for part in error["loc"])
+    key = ".".join(loc) or "(top level)"
+    source = env_sources.get(loc) or (str(file) if file else "defaults")
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown setting (check the spelling)"
+    got = error.get("input")
+    shown = "" if error["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+    return f"  {key}: {message}{shown} [from {source}]"
+
+
+def _read_yaml(file: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"configuration file {file} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration file {file} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"configuration file {file} must hold a mapping of settings")
+    return data
+
+
+def config_file(environ: dict[str, str] | None = None) -> Path | None:
+    """Which file configures this process, if any."""
+    environ = dict(os.environ) if environ is None else environ
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV]).expanduser()
+    local = Path.cwd() / DEFAULT_FILE_NAME
+    return local if local.exists() else None
+
+
+def load_config(file: Path | str | None = None, environ: dict[str, str] | None = None) -> FacilityConfig:
+    """Load and validate the configuration; relative ``home`` resolves against the file's folder."""
+    environ = dict(os.environ) if environ is None else environ
+    path = Path(file) if file is not None else config_file(environ)
+    data = _read_yaml(path) if path else {}
+    overrides, env_sources = _env_overrides(environ)
+    try:
+        config = FacilityConfig.model_validate(_merge(data, overrides))
+    except ValidationError as exc:
+        lines = [_describe(err, path, env_sources) for err in exc.errors()]
+        raise ConfigError("invalid facility configuration:\n" + "\n".join(lines)) from None
+    base = path.resolve().parent if path else Path.cwd()
+    config.home = (base / config.home.expanduser()).resolve()
+    return config
+
+
+def config_json_schema() -> dict[str, Any]:
+    """The JSON schema of the configuration (the chart's ``facility:`` values use it)."""
+    return FacilityConfig.model_json_schema()

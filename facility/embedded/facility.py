@@ -1,0 +1,50 @@
+"""The embedded facility: every service of the facility as processes on one machine.
+
+``up`` starts one XRootD server per served region and the local Dask cluster; ``down`` stops
+them; ``status`` reports them. Starting twice is harmless: running services are left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from facility.cluster.base import backend_for
+from facility.cluster.local import LocalBackend
+from facility.config import FacilityConfig
+from facility.data.servers import data_server, served_regions
+from facility.embedded.services import Service, ServiceState, Supervisor
+
+
+def data_services(config: FacilityConfig) -> list[Service]:
+    return [data_server(config, region) for region in served_regions(config)]
+
+
+def up(config: FacilityConfig, report: Callable[[str], None] = print) -> None:
+    supervisor = Supervisor(config.state_path)
+    for service in data_services(config):
+        proc, started = supervisor.start(service)
+        report(f"{'started' if started else 'already running'}: {service.name} (pid {proc.pid}, "
+               f"ports {', '.join(map(str, service.ports))})")
+    backend = backend_for(config)
+    already = backend.running()
+    info = backend.start()
+    report(f"{'already running' if already else 'started'}: Dask cluster at "
+           f"{info.scheduler_address}, dashboard {info.dashboard_link}")
+
+
+def down(config: FacilityConfig, report: Callable[[str], None] = print) -> None:
+    supervisor = Supervisor(config.state_path)
+    if backend_for(config).stop():
+        report("stopped: Dask cluster")
+    for service in data_services(config):
+        if supervisor.stop(service.name):
+            report(f"stopped: {service.name}")
+
+
+def status(config: FacilityConfig) -> list[ServiceState]:
+    supervisor = Supervisor(config.state_path)
+    states = [supervisor.state(service) for service in data_services(config)]
+    backend = backend_for(config)
+    if isinstance(backend, LocalBackend):
+        states.append(supervisor.state(backend.service()))
+    return states

@@ -1,0 +1,132 @@
+"""What a run leaves behind: histograms (ROOT file), a plot, a summary and the chunk ledger.
+
+Histograms are written with uproot as ROOT histograms, which both uproot (``.to_hist()``) and
+ROOT read back; one histogram per dataset, named ``<key>/<dataset>``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hist
+import numpy as np
+import uproot
+
+from facility.processing.ledger import ChunkLedger
+
+HIST_FILE = "histograms.root"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "plot.png"
+LEDGER_FILE = "ledger.jsonl"
+
+
+def histograms(result: Any, prefix: str = "") -> Iterator[tuple[str, hist.Hist]]:
+    """Every hist in a (nested) accumulator, with a path-like name."""
+    if isinstance(result, hist.Hist):
+        yield prefix or "hist", result
+    elif isinstance(result, dict):
+        for key, value in result.items():
+            yield from histograms(value, f"{prefix}/{key}" if prefix else str(key))
+
+
+def per_dataset(h: hist.Hist) -> Iterator[tuple[str | None, hist.Hist]]:
+    """Split off a string category axis named ``dataset`` (ROOT histograms have none)."""
+    names = [ax.name for ax in h.axes]
+    if "dataset" not in names or len(names) == 1:
+        yield None, h
+        return
+    for value in h.axes["dataset"]:
+        yield str(value), h[{"dataset": value}]
+
+
+def save_histograms(result: Any, path: Path) -> list[str]:
+    written = []
+    with uproot.recreate(path) as out:
+        for key, h in histograms(result):
+            for dataset, single in per_dataset(h):
+                name = f"{key}/{dataset}" if dataset else key
+                out[name] = single
+                written.append(name)
+    return written
+
+
+def plot(result: Any, path: Path, summary: dict[str, Any]) -> bool:
+    """One panel per one-dimensional histogram, datasets overlaid, in the mplhep CMS style."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mplhep
+
+    panels = [(k, h) for k, h in histograms(result) if len(h.axes) - ("dataset" in
+              [a.name for a in h.axes]) == 1]
+    if not panels:
+        return False
+    plt.style.use(mplhep.style.CMS)
+    fig, axes = plt.subplots(1, len(panels), figsize=(10 * len(panels), 8), squeeze=False)
+    for ax, (key, h) in zip(axes[0], panels, strict=True):
+        for dataset, single in per_dataset(h):
+            mplhep.histplot(single, ax=ax, label=dataset or key, histtype="step")
+        fit = summary.get("analysis", {}).get("fit")
+        if fit and key == summary.get("analysis", {}).get("histogram"):
+            _draw_fit(ax, fit)
+        ax.set_ylabel("Events")
+        ax.legend(fontsize="small")
+    mplhep.cms.label(ax=axes[0][0], data=False, label="Facility", rlabel=f"{summary['events']:,} events")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def _draw_fit(ax: Any, fit: dict[str, float]) -> None:
+    x = np.linspace(fit["low"], fit["high"], 400)
+    ax.plot(x, line_shape(x, *fit["parameters"]), color="black", lw=1.5,
+            label=f"fit: peak {fit['peak']:.2f} ± {fit['peak_error']:.2f} GeV")
+
+
+def line_shape(x: np.ndarray, amplitude: float, peak: float, sigma: float, gamma: float,
+               background: float, slope: float) -> np.ndarray:
+    """Voigt peak (Breit-Wigner width ``gamma`` smeared by a Gaussian ``sigma``) over an
+    exponentially falling background."""
+    from scipy.special import voigt_profile
+
+    return amplitude * voigt_profile(x - peak, abs(sigma), abs(gamma)) + background * np.exp(
+        -slope * (x - peak))
+
+
+def fit_peak(h: hist.Hist, low: float, high: float, guess: float, width: float) -> dict[str, Any]:
+    """Fit a resonance peak with a Voigt profile over an exponential background."""
+    from scipy.optimize import curve_fit
+
+    centers = h.axes[0].centers
+    window = (centers >= low) & (centers <= high)
+    x, y = centers[window], h.values()[window]
+    variances = h.variances()
+    errors = np.sqrt(np.maximum(variances[window] if variances is not None else y, 1.0))
+    bin_width = float(np.mean(h.axes[0].widths))
+    start = [float(y.sum() * bin_width), guess, 1.0, width / 2, float(max(y.min(), 1.0)), 0.02]
+    params, cov = curve_fit(line_shape, x, y, p0=start, sigma=errors, maxfev=20000)
+    chi2 = float(np.sum(((y - line_shape(x, *params)) / errors) ** 2))
+    return {
+        "peak": float(params[1]), "peak_error": float(np.sqrt(cov[1, 1])),
+        "sigma": float(abs(params[2])), "width": 2 * float(abs(params[3])),
+        "chi2_per_dof": chi2 / max(len(x) - len(params), 1),
+        "low": low, "high": high, "parameters": [float(p) for p in params],
+    }
+
+
+def save_run(out_dir: Path, result: Any, summary: dict[str, Any], ledger: ChunkLedger) -> None:
+    """Write every output of a run into its folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary["outputs"] = {"directory": str(out_dir)}
+    summary["outputs"]["histograms"] = str(out_dir / HIST_FILE)
+    summary["outputs"]["histogram_names"] = save_histograms(result, out_dir / HIST_FILE)
+    if plot(result, out_dir / PLOT_FILE, summary):
+        summary["outputs"]["plot"] = str(out_dir / PLOT_FILE)
+    ledger.write(out_dir / LEDGER_FILE)
+    summary["outputs"]["ledger"] = str(out_dir / LEDGER_FILE)
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
