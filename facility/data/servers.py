@@ -68,6 +68,21 @@ def _give_to(path: Path, account: str) -> None:
     os.chown(path, entry.pw_uid, grp.getgrgid(entry.pw_gid).gr_gid)
 
 
+def _check_reachable(path: Path, account: str) -> None:
+    """The unprivileged server account must be able to reach ``path``: say which folder bars it."""
+    uid = pwd.getpwnam(account).pw_uid
+    target = path.resolve()
+    for folder in [*reversed(target.parents), target]:
+        info = folder.stat()
+        needed = 0o001 if folder.is_dir() else 0o004
+        if info.st_uid != uid and not info.st_mode & needed:
+            raise DataServerError(
+                f"the XRootD server runs as {account!r}, which cannot enter {folder} "
+                f"(mode {oct(info.st_mode & 0o777)}); put the facility home elsewhere or "
+                f"allow others to traverse it (chmod o+x {folder})"
+            )
+
+
 def data_server(config: FacilityConfig, region: RegionConfig) -> Service:
     """The service definition of one region's XRootD server (writes its config file)."""
     if region.serve is None:
@@ -78,10 +93,13 @@ def data_server(config: FacilityConfig, region: RegionConfig) -> Service:
     admin.mkdir(parents=True, exist_ok=True)
     root = config.region_root(region)
     root.mkdir(parents=True, exist_ok=True)
-    if account:
-        _give_to(admin, account)
     cfg = base / "xrootd.cfg"
     cfg.write_text(server_config_text(config, region, admin))
+    if account:
+        for owned in (base, admin):
+            _give_to(owned, account)
+        _check_reachable(cfg, account)
+        _check_reachable(root, account)
     argv = [xrootd_binary(), "-c", str(cfg), "-n", f"facility-{region.name}"]
     if account:
         argv += ["-R", account]
@@ -90,6 +108,7 @@ def data_server(config: FacilityConfig, region: RegionConfig) -> Service:
         name=f"xrootd-{region.name}",
         argv=argv,
         ports=ports,
+        cwd=base,
         description=f"XRootD server of region {region.name} serving {root}",
         start_timeout=30,
     )

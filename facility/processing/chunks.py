@@ -59,8 +59,10 @@ def plan_chunks(info: FileInfo, chunk_size: int) -> list[Chunk]:
     if info.entries == 0:
         return []
     n_chunks = max(1, round(info.entries / chunk_size))
-    targets = np.linspace(0, info.entries, n_chunks + 1)
+    targets = np.linspace(0, info.entries, n_chunks + 1).round().astype(int)
     starts = np.asarray(sorted({*info.cluster_starts, 0, info.entries}))
-    edges = sorted({int(starts[np.abs(starts - t).argmin()]) for t in targets})
-    edges = sorted({0, info.entries, *edges})
+    if len(starts) - 1 >= n_chunks:
+        # clusters are finer than the chunks: snap each edge to the nearest cluster start
+        targets = np.asarray([starts[np.abs(starts - t).argmin()] for t in targets])
+    edges = sorted({0, info.entries, *(int(t) for t in targets)})
     return [Chunk(info.task, a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]

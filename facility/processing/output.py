@@ -75,7 +75,8 @@ def plot(result: Any, path: Path, summary: dict[str, Any]) -> bool:
             _draw_fit(ax, fit)
         ax.set_ylabel("Events")
         ax.legend(fontsize="small")
-    mplhep.cms.label(ax=axes[0][0], data=False, label="Facility", rlabel=f"{summary['events']:,} events")
+    mplhep.cms.label(ax=axes[0][0], data=False, text="Facility",
+                     rlabel=f"{summary['events']:,} events")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -93,6 +93,15 @@ def _replica_order(urls: tuple[str, ...]) -> list[str]:
     return sorted(urls, key=lambda url: _endpoint(url) in recent)
 
 
+def _server_unreachable(exc: BaseException) -> bool:
+    """A dead or unreachable server (not a missing or broken file on a live one)."""
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, OSError) and any(
+        sign in text for sign in ("connection", "expired", "socket", "unreachable"))
+
+
 def open_file(task: FileTask, timeout: int) -> tuple[str, Any]:
     """The first readable replica of a file (cached per worker process)."""
     failures = []
@@ -103,7 +112,7 @@ def open_file(task: FileTask, timeout: int) -> tuple[str, Any]:
         try:
             handle = _open_tree(url, task.tree, timeout)
         except Exception as exc:
-            if isinstance(exc, OSError | TimeoutError):
+            if _server_unreachable(exc):
                 _failed_endpoints[_endpoint(url)] = time.monotonic()
             failures.append(f"{url}: {_short(exc)}")
             continue
@@ -125,6 +134,7 @@ def inspect_file(task: FileTask, timeout: int) -> FileInfo:
     """Preflight: entries and cluster boundaries of a file."""
     url, handle = open_file(task, timeout)
     try:
+        _check_complete(handle)
         tree = handle[task.tree]
         entries = int(tree.num_entries)
         starts = tuple(int(x) for x in tree.common_entry_offsets())
@@ -132,6 +142,14 @@ def inspect_file(task: FileTask, timeout: int) -> FileInfo:
         forget_file(url)
         raise InputError(task.label, _short(exc), url) from None
     return FileInfo(task, url, entries, starts)
+
+
+def _check_complete(handle: Any) -> None:
+    """A file shorter than its header says was cut off in a copy or a write."""
+    expected = int(handle.file.fEND)
+    actual = handle.file.source.num_bytes
+    if actual is not None and actual < expected:
+        raise ValueError(f"truncated: {actual} bytes, the ROOT header says {expected}")
 
 
 def _raised_while_reading(tb: TracebackType | None) -> bool:

@@ -1,0 +1,78 @@
+"""Shared fixtures: a small embedded facility with real XRootD servers and a real Dask cluster."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import coffea
+import pytest
+
+from facility.config import FacilityConfig, load_config
+from facility.data.samples import generate_samples
+from facility.embedded import facility as embedded
+from facility.embedded.services import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_SAMPLES = ("nano_dy.root", "nano_tt_v12.root")
+
+
+def small_config(home: Path, **overrides: object) -> FacilityConfig:
+    """A facility configuration with free ports and small samples, rooted in ``home``."""
+    text = f"""
+home: {home}
+regions:
+  - {{name: east, distance: 0, serve: {{xrootd_port: {free_port()}, http_port: {free_port()}}}}}
+  - {{name: west, distance: 5, serve: {{xrootd_port: {free_port()}, http_port: {free_port()}}}}}
+cluster: {{min_workers: 2, max_workers: 2, memory_limit: 3GiB, dashboard_port: {free_port()}}}
+processing: {{chunk_size: 5000, open_timeout: 10}}
+samples:
+  - {{name: DY, kind: drell_yan, files: 2, events_per_file: 20000, seed: 5}}
+  - {{name: TT, kind: ttbar, files: 1, events_per_file: 10000, seed: 6}}
+  - {{name: Data, kind: collision_data, files: 1, events_per_file: 10000, seed: 7}}
+"""
+    path = home / "facility.yaml"
+    home.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return load_config(path, environ={k: str(v) for k, v in overrides.items()})
+
+
+@pytest.fixture(scope="session")
+def facility_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FacilityConfig]:
+    """Samples generated, XRootD servers and the Dask cluster up; all stopped at the end."""
+    # under the checkout, not pytest's private temporary folder: the XRootD servers run as an
+    # unprivileged account that must be able to reach the files
+    home = REPO / ".facility" / "tests" / tmp_path_factory.getbasetemp().name
+    shutil.rmtree(home, ignore_errors=True)
+    config = small_config(home)
+    generate_samples(config, report=lambda _: None)
+    embedded.up(config, report=lambda _: None)
+    yield config
+    embedded.down(config, report=lambda _: None)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def real_nanoaod(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real NanoAOD files written by CMS software, from coffea's source distribution."""
+    cache = REPO / ".facility" / "cache" / f"coffea-{coffea.__version__}"
+    wanted = {name: cache / name for name in REAL_SAMPLES}
+    if not all(p.exists() for p in wanted.values()):
+        download = tmp_path_factory.mktemp("sdist")
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                        "--no-binary", ":all:", f"coffea=={coffea.__version__}", "-d",
+                        str(download)], check=True)
+        [archive] = download.glob("coffea-*.tar.gz")
+        cache.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                name = Path(member.name).name
+                if name in wanted and "/tests/samples/" in member.name:
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    wanted[name].write_bytes(source.read())
+    return wanted

@@ -1,0 +1,247 @@
+"""The main job end to end on the embedded facility: real XRootD servers, real Dask processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import pytest
+import uproot
+from distributed import Client
+
+from facility.cluster.base import backend_for
+from facility.config import FacilityConfig
+from facility.data.catalog import (
+    Catalog,
+    Dataset,
+    DatasetMetadata,
+    FileEntry,
+    Replica,
+    load_catalog,
+    save_catalog,
+)
+from facility.embedded.services import Supervisor
+from facility.processing.processors.dimuon import DimuonProcessor
+from facility.processing.runner import Progress, RunError, run
+
+pytestmark = pytest.mark.integration
+
+
+def test_dimuon_over_root_finds_the_z(facility_config: FacilityConfig) -> None:
+    result = run("dimuon", "DY", config=facility_config)
+    summary = result.summary
+    assert summary["events"] == 40000
+    assert summary["chunks"]["done"] == summary["chunks"]["total"] >= 8
+    assert all(url.startswith("root://") for url in summary["replicas_used"])
+    assert summary["workers_used"] == 2
+    assert abs(summary["analysis"]["fit"]["peak"] - 91.19) < 1.0
+    assert set(summary["columns_read"]) == {"nMuon", "Muon_pt", "Muon_eta", "Muon_phi",
+                                           "Muon_mass", "Muon_charge", "genWeight"}
+    out = result.output_dir
+    assert out is not None
+    assert (out / "plot.png").stat().st_size > 10_000
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["events"] == 40000
+    with uproot.open(out / "histograms.root") as handle:
+        read_back = handle["mass/DY"].to_hist()
+    assert np.allclose(read_back.values(), result.output["mass"][{"dataset": "DY"}].values())
+    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    assert sum(e["events"] for e in ledger if e["state"] == "done") == 40000
+
+
+def test_ttbar_and_collision_data(facility_config: FacilityConfig) -> None:
+    tt = run("ttbar", "TT", config=facility_config, output=False)
+    mbjj = tt.output["mbjj"].project("mbjj")
+    assert tt.output["cutflow"]["TT"]["selected"] > 1000
+    peak = mbjj.axes[0].centers[np.argmax(mbjj.values())]
+    assert 150 < peak < 200
+    data = run("dimuon", "Data", config=facility_config, output=False)
+    assert "genWeight" not in data.summary["columns_read"]
+    assert abs(data.summary["analysis"]["fit"]["peak"] - 91.19) < 1.0
+
+
+def _catalog_with(config: FacilityConfig, name: str, files: list[tuple[str, int]],
+                  is_data: bool = False) -> Path:
+    """A catalog that adds ``name`` with local files to the facility's catalog."""
+    catalog = load_catalog(config.catalog_path)
+    entries = [FileEntry(name=Path(p).name, events=n,
+                         replicas=[Replica(region="east", url=Path(p).resolve().as_uri())])
+               for p, n in files]
+    dataset = Dataset(name=name, metadata=DatasetMetadata(is_data=is_data), files=entries)
+    save_catalog(catalog.with_dataset(dataset), config.catalog_path)
+    return config.catalog_path
+
+
+def test_processors_run_on_real_nanoaod(facility_config: FacilityConfig,
+                                        real_nanoaod: dict[str, Path]) -> None:
+    files = [(str(real_nanoaod["nano_dy.root"]), 40), (str(real_nanoaod["nano_tt_v12.root"]), 200)]
+    _catalog_with(facility_config, "RealNano", files)
+    try:
+        dimuon = run("dimuon", "RealNano", config=facility_config, output=False)
+        ttbar = run("ttbar", "RealNano", config=facility_config, output=False)
+    finally:
+        _drop(facility_config, "RealNano")
+    assert dimuon.summary["events"] == 240
+    assert dimuon.output["cutflow"]["RealNano"]["all"] == 240
+    assert ttbar.output["cutflow"]["RealNano"]["all"] == 240
+
+
+def _drop(config: FacilityConfig, name: str) -> None:
+    catalog = load_catalog(config.catalog_path)
+    save_catalog(Catalog(datasets={k: v for k, v in catalog.datasets.items() if k != name}),
+                 config.catalog_path)
+
+
+def _slow_dimuon() -> DimuonProcessor:
+    """A dimuon processor that takes long enough per chunk for a worker to die mid-run."""
+    import tests.slow_processor as slow
+
+    cloudpickle.register_pickle_by_value(slow)
+    return slow.SlowDimuon(delay=0.3)
+
+
+def test_worker_killed_mid_run_gives_identical_results(facility_config: FacilityConfig) -> None:
+    reference = run("dimuon", "DY", config=facility_config, output=False, chunk_size=2000)
+    client = Client(backend_for(facility_config).start().scheduler_address, set_as_default=False)
+    killed: list[int] = []
+
+    def kill_one_worker(progress: Progress) -> None:
+        if progress.chunks_done == 3 and not killed:
+            pids = client.run(os.getpid)
+            victim = sorted(pids.values())[0]
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    try:
+        faulty = run(_slow_dimuon(), "DY", config=facility_config, client=client, output=False,
+                     chunk_size=2000, progress=kill_one_worker)
+        client.wait_for_workers(2, timeout=60)
+        survivors = set(client.run(os.getpid).values())
+    finally:
+        client.close()
+    assert killed and killed[0] not in survivors
+    assert faulty.summary["events"] == reference.summary["events"] == 40000
+    assert faulty.summary["chunks"]["done"] == reference.summary["chunks"]["done"] == 20
+    for key in ("values", "variances"):
+        assert np.array_equal(getattr(faulty.output["mass"], key)(),
+                              getattr(reference.output["mass"], key)())
+    assert faulty.output["cutflow"] == reference.output["cutflow"]
+
+
+def _damaged_copy(config: FacilityConfig, how: str) -> Path:
+    source = next((config.data_path / "east" / "DY").glob("*.root"))
+    target = config.data_path / "east" / "Broken" / f"{how}.root"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = bytearray(source.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    else:  # overwrite the compressed baskets of the muon momenta, keep all metadata intact
+        with uproot.open(source) as handle:
+            branch = handle["Events"]["Muon_pt"]
+            seeks = [int(x) for x in branch.member("fBasketSeek")[: branch.num_baskets]]
+        for seek in seeks:
+            data[seek + 120: seek + 2120] = os.urandom(2000)
+    target.write_bytes(bytes(data))
+    for region in ("west",):
+        copy = config.data_path / region / "Broken" / target.name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(target, copy)
+    return target
+
+
+def _broken_dataset(config: FacilityConfig, how: str) -> None:
+    _damaged_copy(config, how)
+    good = load_catalog(config.catalog_path).get("DY").files[0]
+    ports = {r.name: r.serve.xrootd_port for r in config.regions if r.serve}
+    bad = FileEntry(name=f"{how}.root", events=20000, replicas=[
+        Replica(region=region, url=f"root://localhost:{port}//Broken/{how}.root")
+        for region, port in ports.items()])
+    dataset = Dataset(name="Broken", files=[good, bad])
+    save_catalog(load_catalog(config.catalog_path).with_dataset(dataset), config.catalog_path)
+
+
+@pytest.mark.parametrize("how", ["corrupt", "truncated", "missing"])
+def test_bad_file_stops_the_run_naming_it(facility_config: FacilityConfig, how: str) -> None:
+    _broken_dataset(facility_config, how)
+    if how == "missing":
+        for region in ("east", "west"):
+            (facility_config.data_path / region / "Broken" / "missing.root").unlink()
+    with pytest.raises(RunError, match=rf"Broken/{how}\.root") as err:
+        run("dimuon", "Broken", config=facility_config, output=False)
+    assert "on_bad_input='skip'" in str(err.value)
+
+
+def test_skip_policy_reports_exactly_what_was_skipped(facility_config: FacilityConfig) -> None:
+    _broken_dataset(facility_config, "corrupt")
+    result = run("dimuon", "Broken", config=facility_config, output=False, on_bad_input="skip")
+    summary = result.summary
+    skipped = summary["skipped"]
+    assert skipped and {s["file"] for s in skipped} == {"Broken/corrupt.root"}
+    skipped_events = sum(e[1] - e[0] if isinstance(e := s["entries"], list) else 20000
+                         for s in skipped)
+    counts = summary["per_dataset"]["Broken"]
+    assert counts["events_processed"] + skipped_events == 40000
+    assert summary["events"] == counts["events_processed"] >= 20000
+    assert summary["chunks"]["done"] + summary["chunks"]["skipped"] == summary["chunks"]["total"]
+
+
+def test_unreachable_region_fails_over_to_the_next(facility_config: FacilityConfig) -> None:
+    supervisor = Supervisor(facility_config.state_path)
+    from facility.embedded.facility import data_services, up
+
+    assert supervisor.stop("xrootd-east")
+    try:
+        result = run("dimuon", "DY", config=facility_config, output=False)
+    finally:
+        up(facility_config, report=lambda _: None)
+    assert result.summary["events"] == 40000, result.summary
+    west = facility_config.region("west").serve
+    assert west is not None
+    west_prefix = f"root://localhost:{west.xrootd_port}/"
+    used = result.summary["replicas_used"]
+    assert all(url.startswith(west_prefix) for url in used), used
+    assert all(supervisor.state(s).healthy for s in data_services(facility_config))
+
+
+def test_second_up_is_harmless(facility_config: FacilityConfig) -> None:
+    from facility.embedded.facility import status, up
+
+    before = {s.name: s.pid for s in status(facility_config)}
+    lines: list[str] = []
+    up(facility_config, report=lines.append)
+    after = {s.name: s.pid for s in status(facility_config)}
+    assert before == after
+    assert all("already running" in line for line in lines)
+
+
+def test_unknown_dataset_and_processor_are_named(facility_config: FacilityConfig) -> None:
+    from facility.data.catalog import CatalogError
+    from facility.processing.processors import ProcessorNotFound
+
+    with pytest.raises(CatalogError, match="unknown dataset 'DYY'.*DY"):
+        run("dimuon", "DYY", config=facility_config)
+    with pytest.raises(ProcessorNotFound, match="unknown processor 'dimoun'"):
+        run("dimoun", "DY", config=facility_config)
+
+
+def test_command_line_run_and_data(facility_config: FacilityConfig, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from facility.cli import main
+
+    config_file = str(facility_config.home / "facility.yaml")
+    assert main(["--config", config_file, "data", "list"]) == 0
+    assert main(["--config", config_file, "data", "show", "DY"]) == 0
+    out_dir = tmp_path / "cli-run"
+    assert main(["--config", config_file, "run", "dimuon", "-d", "DY", "--output",
+                 str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "Z peak" in printed and "40,000" in printed
+    assert json.loads((out_dir / "summary.json").read_text())["events"] == 40000
+    assert main(["--config", config_file, "run", "dimuon", "-d", "Nope"]) == 2
+    assert "unknown dataset 'Nope'" in capsys.readouterr().err
+
