@@ -14,7 +14,7 @@ os.environ.setdefault("XRD_CONNECTIONRETRY", "1")
 os.environ.setdefault("XRD_CONNECTIONWINDOW", "5")
 os.environ.setdefault("XRD_REQUESTTIMEOUT", "60")
 
-from facility.config import FacilityConfig, load_config  # noqa: E402
+from facility.config import FacilityConfig, load_config
 
 __all__ = ["FacilityConfig", "load_config", "run"]
 __version__ = "0.1.0"

@@ -48,7 +48,7 @@ def test_unknown_key_is_refused(tmp_path: Path) -> None:
 
 
 def test_min_above_max_is_refused() -> None:
-    with pytest.raises(ConfigError, match="min_workers .5. is above max_workers .2."):
+    with pytest.raises(ConfigError, match=r"min_workers .5. is above max_workers .2."):
         load_config(None, environ={"FACILITY_CLUSTER__MIN_WORKERS": "5",
                                    "FACILITY_CLUSTER__MAX_WORKERS": "2"})
 

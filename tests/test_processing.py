@@ -124,7 +124,8 @@ def test_worker_killed_mid_run_gives_identical_results(facility_config: Facility
         survivors = set(client.run(os.getpid).values())
     finally:
         client.close()
-    assert killed and killed[0] not in survivors
+    assert killed
+    assert killed[0] not in survivors
     assert faulty.summary["events"] == reference.summary["events"] == 40000
     assert faulty.summary["chunks"]["done"] == reference.summary["chunks"]["done"] == 20
     for key in ("values", "variances"):
@@ -181,7 +182,8 @@ def test_skip_policy_reports_exactly_what_was_skipped(facility_config: FacilityC
     result = run("dimuon", "Broken", config=facility_config, output=False, on_bad_input="skip")
     summary = result.summary
     skipped = summary["skipped"]
-    assert skipped and {s["file"] for s in skipped} == {"Broken/corrupt.root"}
+    assert skipped
+    assert {s["file"] for s in skipped} == {"Broken/corrupt.root"}
     skipped_events = sum(e[1] - e[0] if isinstance(e := s["entries"], list) else 20000
                          for s in skipped)
     counts = summary["per_dataset"]["Broken"]
@@ -223,7 +225,7 @@ def test_unknown_dataset_and_processor_are_named(facility_config: FacilityConfig
     from facility.data.catalog import CatalogError
     from facility.processing.processors import ProcessorNotFound
 
-    with pytest.raises(CatalogError, match="unknown dataset 'DYY'.*DY"):
+    with pytest.raises(CatalogError, match=r"unknown dataset 'DYY'.*DY"):
         run("dimuon", "DYY", config=facility_config)
     with pytest.raises(ProcessorNotFound, match="unknown processor 'dimoun'"):
         run("dimoun", "DY", config=facility_config)
@@ -240,7 +242,8 @@ def test_command_line_run_and_data(facility_config: FacilityConfig, tmp_path: Pa
     assert main(["--config", config_file, "run", "dimuon", "-d", "DY", "--output",
                  str(out_dir)]) == 0
     printed = capsys.readouterr().out
-    assert "Z peak" in printed and "40,000" in printed
+    assert "Z peak" in printed
+    assert "40,000" in printed
     assert json.loads((out_dir / "summary.json").read_text())["events"] == 40000
     assert main(["--config", config_file, "run", "dimuon", "-d", "Nope"]) == 2
     assert "unknown dataset 'Nope'" in capsys.readouterr().err

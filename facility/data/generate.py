@@ -227,14 +227,15 @@ def simulate(kind: SampleKind, n: int, rng: np.random.Generator) -> EventContent
     if kind != "collision_data":
         GENERATORS[kind](rng, n, 0, content)
         return content
-    n_dy = int(round(0.8 * n))
+    n_dy = round(0.8 * n)
     drell_yan(rng, n_dy, 0, content)
     ttbar(rng, n - n_dy, n_dy, content)
     permutation = rng.permutation(n)
     for bucket in (content.muons, content.electrons, content.jets, content.genparts):
         for objects in bucket:
             objects.event = permutation[objects.event]
-    assert content.met_px is not None and content.met_py is not None
+    assert content.met_px is not None
+    assert content.met_py is not None
     met_px, met_py = np.empty(n), np.empty(n)
     met_px[permutation], met_py[permutation] = content.met_px, content.met_py
     content.met_px, content.met_py = met_px, met_py
@@ -371,7 +372,8 @@ COLUMN_MAKERS = {
 def _event_columns(rng: np.random.Generator, content: EventContent, first_event: int, run: int,
                    is_data: bool) -> dict[str, np.ndarray]:
     n = content.n
-    assert content.met_px is not None and content.met_py is not None
+    assert content.met_px is not None
+    assert content.met_py is not None
     met_pt = np.hypot(content.met_px, content.met_py)
     npv = rng.poisson(30, n).clip(1, 255)
     columns: dict[str, np.ndarray] = {

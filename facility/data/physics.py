@@ -115,9 +115,9 @@ def produce(rng: np.random.Generator, mass: np.ndarray, mean_pt: float,
             rapidity_sigma: float) -> FourVectors:
     """A resonance with an exponential transverse momentum and a Gaussian rapidity."""
     n = mass.shape[0]
-    pt = rng.exponential(mean_pt, n)
-    rapidity = rng.normal(0.0, rapidity_sigma, n)
-    phi = rng.uniform(-np.pi, np.pi, n)
+    pt = np.asarray(rng.exponential(mean_pt, n))
+    rapidity = np.asarray(rng.normal(0.0, rapidity_sigma, n))
+    phi = np.asarray(rng.uniform(-np.pi, np.pi, n))
     return FourVectors.from_pt_y_phi_m(pt, rapidity, phi, mass)
 
 

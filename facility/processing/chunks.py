@@ -6,6 +6,7 @@ basket is read and decompressed by two tasks.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,4 +66,4 @@ def plan_chunks(info: FileInfo, chunk_size: int) -> list[Chunk]:
         # clusters are finer than the chunks: snap each edge to the nearest cluster start
         targets = np.asarray([starts[np.abs(starts - t).argmin()] for t in targets])
     edges = sorted({0, info.entries, *(int(t) for t in targets)})
-    return [Chunk(info.task, a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+    return [Chunk(info.task, a, b) for a, b in itertools.pairwise(edges) if b > a]

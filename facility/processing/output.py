@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hist
 import numpy as np
@@ -39,7 +39,7 @@ def per_dataset(h: hist.Hist) -> Iterator[tuple[str | None, hist.Hist]]:
         yield None, h
         return
     for value in h.axes["dataset"]:
-        yield str(value), h[{"dataset": value}]
+        yield str(value), cast(hist.Hist, h[{"dataset": value}])
 
 
 def save_histograms(result: Any, path: Path) -> list[str]:
@@ -83,7 +83,7 @@ def plot(result: Any, path: Path, summary: dict[str, Any]) -> bool:
     return True
 
 
-def _draw_fit(ax: Any, fit: dict[str, float]) -> None:
+def _draw_fit(ax: Any, fit: dict[str, Any]) -> None:
     x = np.linspace(fit["low"], fit["high"], 400)
     ax.plot(x, line_shape(x, *fit["parameters"]), color="black", lw=1.5,
             label=f"fit: peak {fit['peak']:.2f} ± {fit['peak_error']:.2f} GeV")
