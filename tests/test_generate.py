@@ -26,7 +26,7 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _branch_types(path: Path) -> dict[str, str]:
     with uproot.open(path) as handle:
         tree = handle["Events"]
-        return {name: tree[name].typename for name in tree}
+        return {branch.name: branch.typename for branch in tree.branches}
 
 
 def test_schema_matches_real_nanoaod(samples: dict[str, Path],
