@@ -86,7 +86,7 @@ def plot(result: Any, path: Path, summary: dict[str, Any]) -> bool:
 def _draw_fit(ax: Any, fit: dict[str, Any]) -> None:
     x = np.linspace(fit["low"], fit["high"], 400)
     ax.plot(x, line_shape(x, *fit["parameters"]), color="black", lw=1.5,
-            label=f"fit: peak {fit['peak']:.2f} ± {fit['peak_error']:.2f} GeV")
+            label=f"fit: peak {fit['peak']:.3f} ± {fit['peak_error']:.3f} GeV")
 
 
 def line_shape(x: np.ndarray, amplitude: float, peak: float, sigma: float, gamma: float,
