@@ -135,23 +135,15 @@ class FacilityConfig(_Strict):
     processing: ProcessingConfig = Field(default_factory=ProcessingConfig)
     samples: list[SampleConfig] = Field(default_factory=_default_samples)
 
-    @field_validator("regions")
+    @field_validator("regions", "samples")
     @classmethod
-    def _unique_region_names(cls, regions: list[RegionConfig]) -> list[RegionConfig]:
-        names = [r.name for r in regions]
+    def _unique_names(cls, items: list[Any]) -> list[Any]:
+        """Regions and samples are looked up by name, so a name may appear only once."""
+        names = [item.name for item in items]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
-            raise ValueError(f"region names must be unique, repeated: {', '.join(duplicated)}")
-        return regions
-
-    @field_validator("samples")
-    @classmethod
-    def _unique_sample_names(cls, samples: list[SampleConfig]) -> list[SampleConfig]:
-        names = [s.name for s in samples]
-        duplicated = sorted({n for n in names if names.count(n) > 1})
-        if duplicated:
-            raise ValueError(f"sample names must be unique, repeated: {', '.join(duplicated)}")
-        return samples
+            raise ValueError(f"names must be unique, repeated: {', '.join(duplicated)}")
+        return items
 
     def path(self, value: Path) -> Path:
         """Resolve a configured path: absolute stays, relative hangs off ``home``."""
