@@ -162,9 +162,12 @@ def processor_key(processor: Any) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
-def process_chunk(processor: Any, chunk: Chunk, timeout: int = 30) -> ChunkOutput:
+def process_chunk(processor: Any, chunk: Chunk, timeout: int = 30,
+                  open_limit: int | None = None) -> ChunkOutput:
     """Run a coffea processor over one chunk and return its accumulator."""
     started = time.perf_counter()
+    if open_limit is not None:
+        set_open_limit(open_limit)
     url, handle = open_file(chunk.file, timeout)
     tree = handle[chunk.file.tree]
     key = processor_key(processor)

@@ -146,7 +146,8 @@ class _ChunkRunner:
         key = f"chunk-{self.run_id}-{len(self.chunk_of)}-try{attempt}"
         self.chunk_of[key] = chunk
         return self.client.submit(process_chunk, processor_future, chunk,
-                                  self.config.processing.open_timeout, key=key, pure=False)
+                                  self.config.processing.open_timeout,
+                                  self.config.processing.open_files_per_worker, key=key, pure=False)
 
     def run(self, chunks: list[Chunk], started: float) -> None:
         for chunk in chunks:
