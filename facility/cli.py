@@ -200,7 +200,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--events", type=int, default=2_000_000)
     bench.add_argument("--files", type=int, default=4)
     bench.add_argument("--workers", type=int, default=None)
-    bench.add_argument("--repeat", type=int, default=1)
+    bench.add_argument("--repeat", type=int, default=3, help="rounds; the best of each is shown")
     bench.set_defaults(func=cmd_bench)
     return top
 

@@ -70,6 +70,11 @@ class ClusterConfig(_Strict):
     scheduler_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
     dashboard_port: int = Field(default=8787, ge=0, le=65535)
     worker_start_timeout: float = Field(default=120.0, gt=0)
+    malloc_trim_threshold: int | None = Field(
+        default=None, ge=0,
+        description="MALLOC_TRIM_THRESHOLD_ of worker processes; null keeps glibc's adaptive "
+                    "thresholds (Dask's own 65536 hands every freed array back to the OS and makes "
+                    "column reading about 1.7x slower)")
 
     @model_validator(mode="after")
     def _min_not_above_max(self) -> ClusterConfig:

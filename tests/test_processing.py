@@ -91,6 +91,22 @@ def test_processors_run_on_real_nanoaod(facility_config: FacilityConfig,
     assert ttbar.output["cutflow"]["RealNano"]["all"] == 240
 
 
+def test_pair_mass_is_the_four_vector_sum(facility_config: FacilityConfig) -> None:
+    import awkward as ak
+    from coffea.nanoevents import NanoEventsFactory
+
+    from facility.processing.processors.dimuon import pair_mass
+    from facility.processing.reader import FacilityNanoAODSchema
+
+    source = sorted((facility_config.data_path / "east" / "DY").glob("*.root"))[0]
+    events = NanoEventsFactory.from_root(f"{source}:Events", mode="eager",
+                                         schemaclass=FacilityNanoAODSchema).events()
+    pairs = events.Muon[ak.num(events.Muon) == 2]
+    summed = ak.to_numpy((pairs[:, 0] + pairs[:, 1]).mass)
+    assert len(pairs) > 5000
+    assert np.allclose(pair_mass(pairs), summed, rtol=1e-4, atol=1e-3)
+
+
 def _drop(config: FacilityConfig, name: str) -> None:
     catalog = load_catalog(config.catalog_path)
     save_catalog(Catalog(datasets={k: v for k, v in catalog.datasets.items() if k != name}),
@@ -219,6 +235,36 @@ def test_second_up_is_harmless(facility_config: FacilityConfig) -> None:
     after = {s.name: s.pid for s in status(facility_config)}
     assert before == after
     assert all("already running" in line for line in lines)
+
+
+def test_rerun_plans_from_remembered_files_with_identical_results(
+        facility_config: FacilityConfig) -> None:
+    source = sorted((facility_config.data_path / "east" / "DY").glob("*.root"))[0]
+    _catalog_with(facility_config, "Again", [(str(source), 20000)])
+    try:
+        first = run("dimuon", "Again", config=facility_config, output=False)
+        second = run("dimuon", "Again", config=facility_config, output=False)
+    finally:
+        _drop(facility_config, "Again")
+    assert first.summary["files"] == {"inspected": 1, "remembered": 0}
+    assert second.summary["files"] == {"inspected": 0, "remembered": 1}
+    assert first.summary["events"] == second.summary["events"] == 20000
+    assert np.array_equal(first.output["mass"].values(), second.output["mass"].values())
+
+
+def test_a_file_that_changed_since_it_was_inspected_is_named(
+        facility_config: FacilityConfig) -> None:
+    from facility.processing.chunks import FileInfo, FileTask, plan_chunks
+    from facility.processing.reader import InputError, inspect_file, process_chunk
+
+    source = sorted((facility_config.data_path / "east" / "DY").glob("*.root"))[0]
+    task = FileTask("DY", source.name, "Events", (source.resolve().as_uri(),), 20000)
+    info = inspect_file(task, timeout=10)
+    assert info.entries == 20000
+    stale = FileInfo(task, info.url, 25000, info.cluster_starts)
+    [chunk, *_] = plan_chunks(stale, 5000)
+    with pytest.raises(InputError, match=rf"DY/{source.name}.*20000 entries.*planned for 25000"):
+        process_chunk(DimuonProcessor(), chunk)
 
 
 def test_unknown_dataset_and_processor_are_named(facility_config: FacilityConfig) -> None:

@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+import dask
 from distributed import Nanny, Scheduler, SpecCluster
 
 from facility.cluster.base import ClusterBackend, ClusterError, ClusterInfo
@@ -84,6 +85,11 @@ class LocalBackend(ClusterBackend):
         return stopped
 
 
+def worker_environment(config: FacilityConfig) -> dict[str, int | None]:
+    """What the nannies set before starting a worker process (None leaves a variable unset)."""
+    return {"MALLOC_TRIM_THRESHOLD_": config.cluster.malloc_trim_threshold}
+
+
 def worker_spec(config: FacilityConfig) -> dict:
     return {
         "cls": Nanny,
@@ -97,6 +103,8 @@ def worker_spec(config: FacilityConfig) -> dict:
 
 async def serve(config: FacilityConfig, name: str) -> None:
     """Run the scheduler and adaptive workers until SIGTERM/SIGINT."""
+    for variable, value in worker_environment(config).items():
+        dask.config.set({f"distributed.nanny.pre-spawn-environ.{variable}": value})
     scheduler = {
         "cls": Scheduler,
         "options": {

@@ -98,13 +98,17 @@ class Catalog(_Strict):
         return Catalog(datasets=merged)
 
 
+# A site catalog lists many thousands of files: the C parser reads it several times faster.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_catalog(path: Path) -> Catalog:
     """Read and validate a catalog file; errors name the file and the offending entry."""
     if not path.exists():
         raise CatalogError(f"dataset catalog {path} does not exist; run `facility data generate` "
                            "or set `catalog` in the configuration")
     try:
-        raw: Any = yaml.safe_load(path.read_text()) or {}
+        raw: Any = yaml.load(path.read_text(), Loader=SAFE_LOADER) or {}
         catalog = Catalog.model_validate(raw)
     except yaml.YAMLError as exc:
         raise CatalogError(f"dataset catalog {path} is not valid YAML: {exc}") from exc

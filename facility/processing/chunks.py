@@ -45,6 +45,7 @@ class Chunk:
     file: FileTask
     entry_start: int
     entry_stop: int
+    file_entries: int = -1  # what preflight saw; a file that no longer has them changed since
 
     @property
     def chunk_id(self) -> str:
@@ -66,4 +67,4 @@ def plan_chunks(info: FileInfo, chunk_size: int) -> list[Chunk]:
         # clusters are finer than the chunks: snap each edge to the nearest cluster start
         targets = np.asarray([starts[np.abs(starts - t).argmin()] for t in targets])
     edges = sorted({0, info.entries, *(int(t) for t in targets)})
-    return [Chunk(info.task, a, b) for a, b in itertools.pairwise(edges) if b > a]
+    return [Chunk(info.task, a, b, info.entries) for a, b in itertools.pairwise(edges) if b > a]

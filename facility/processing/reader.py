@@ -2,8 +2,8 @@
 
 Speed comes from three things plain runners do not do:
 
-* an open-file cache per worker process, so a file's metadata (hundreds of branches) is parsed
-  once per worker, not once per chunk;
+* an open-file cache per worker process that also keeps the deserialized tree, so a file's
+  metadata (hundreds of branches) is parsed once per worker, not once per chunk;
 * the branches a processor touched in earlier chunks are read up front in one bulk request
   (one vector read over ``root://``), and anything else it touches is still read lazily;
 * chunks sit on cluster boundaries, so no basket is decompressed twice.
@@ -31,6 +31,9 @@ READ_LIBRARIES = ("/uproot/", "/XRootD/", "/fsspec", "/fsspec_xrootd/", "/cramja
 _open_files: OrderedDict[str, Any] = OrderedDict()
 _columns_touched: dict[str, set[str]] = {}
 _open_limit = 16
+# The deserialized TTree (hundreds of branch records) is kept with its open file: rebuilding it
+# for every chunk costs about as much as reading the chunk's columns.
+TREES_KEPT_PER_FILE = 4
 _failed_endpoints: dict[str, float] = {}
 FAILED_ENDPOINT_MEMORY = 60.0
 
@@ -73,7 +76,7 @@ def _short(exc: BaseException) -> str:
 
 
 def _open_tree(url: str, tree: str, timeout: int) -> Any:
-    handle = uproot.open(url, timeout=timeout, array_cache=None, object_cache=None)
+    handle = uproot.open(url, timeout=timeout, array_cache=None, object_cache=TREES_KEPT_PER_FILE)
     try:
         handle[tree]
     except KeyError:
@@ -170,6 +173,10 @@ def process_chunk(processor: Any, chunk: Chunk, timeout: int = 30,
         set_open_limit(open_limit)
     url, handle = open_file(chunk.file, timeout)
     tree = handle[chunk.file.tree]
+    if chunk.file_entries >= 0 and tree.num_entries != chunk.file_entries:
+        forget_file(url)
+        raise InputError(chunk.file.label, f"the file has {tree.num_entries} entries, the run "
+                         f"planned for {chunk.file_entries}: it changed after it was inspected", url)
     key = processor_key(processor)
     preload = sorted(name for name in _columns_touched.get(key, ()) if name in tree)
     accessed: list[Any] = []

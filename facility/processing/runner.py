@@ -1,9 +1,10 @@
 """``facility.run``: a coffea processor over catalog datasets on the facility's Dask cluster.
 
 The path of a run: catalog -> replicas ranked (nearest healthy first) -> preflight on the
-cluster (entries and cluster boundaries of every file) -> chunks -> one task per chunk ->
-results merged as they finish, each chunk settled exactly once in the ledger -> postprocess ->
-outputs (histograms, plot, summary, ledger) in the user's output area.
+cluster (entries and cluster boundaries of each file, remembered for re-runs) -> that file's
+chunks submitted at once, one task per chunk -> results merged as they finish, each chunk
+settled exactly once in the ledger -> postprocess -> outputs (histograms, plot, summary,
+ledger) in the user's output area.
 """
 
 from __future__ import annotations
@@ -95,30 +96,31 @@ def _bad_input_message(exc: InputError) -> str:
             "it with on_bad_input='skip' (command line: --skip-bad-input).")
 
 
-def _settle(futures: list[Future]) -> None:
-    for future in futures:
+def _settle(futures: Iterable[Future]) -> None:
+    for future in list(futures):
         future.cancel()
 
 
-def preflight(client: Client, tasks: list[FileTask], config: FacilityConfig,
-              on_bad_input: str, skipped: list[dict]) -> list[FileInfo]:
-    """Entries and cluster boundaries of every file, inspected in parallel on the workers."""
-    timeout = config.processing.open_timeout
-    futures = [client.submit(inspect_file, task, timeout, pure=False,
-                             key=f"preflight-{uuid.uuid4().hex[:10]}-{i}")
-               for i, task in enumerate(tasks)]
-    infos: list[FileInfo] = []
-    for future in as_completed(futures, loop=client.loop):
-        try:
-            infos.append(future.result())
-        except InputError as exc:
-            if on_bad_input == "fail":
-                _settle(futures)
-                raise RunError(_bad_input_message(exc)) from None
-            skipped.append({"file": exc.file, "url": exc.url, "entries": "all",
-                            "reason": exc.reason, "stage": "preflight"})
-    order = {task.label: i for i, task in enumerate(tasks)}
-    return sorted(infos, key=lambda info: order[info.task.label])
+# Preflight results of this process. A re-run over the same files (the usual interactive loop)
+# submits its chunks at once; each chunk still checks on the worker that its file has the
+# entries the plan was made for, and a file that fails is inspected again next time.
+_inspected: dict[tuple, FileInfo] = {}
+INSPECTED_KEPT = 100_000
+
+
+def _inspection_key(task: FileTask) -> tuple:
+    return (task.label, task.urls, task.catalog_events)
+
+
+def _remember(info: FileInfo) -> None:
+    if len(_inspected) >= INSPECTED_KEPT:
+        _inspected.pop(next(iter(_inspected)))
+    _inspected[_inspection_key(info.task)] = info
+
+
+def _forget(task: FileTask) -> None:
+    for key in [k for k in _inspected if k[0] == task.label]:
+        del _inspected[key]
 
 
 def _with_working_replica_first(info: FileInfo) -> FileInfo:
@@ -127,54 +129,102 @@ def _with_working_replica_first(info: FileInfo) -> FileInfo:
 
 
 class _ChunkRunner:
-    """Submits chunks, merges results as they finish, retries what a lost worker took along."""
+    """Inspects files and processes their chunks in one stream of tasks.
+
+    A file's chunks are submitted as soon as that file is inspected, so the first results
+    arrive while later files are still being opened. Results are merged as they finish, and
+    what a lost worker took along is retried.
+    """
 
     def __init__(self, client: Client, processor: ProcessorABC, config: FacilityConfig,
-                 on_bad_input: str, progress: Callable[[Progress], None] | None) -> None:
+                 on_bad_input: str, chunk_size: int,
+                 progress: Callable[[Progress], None] | None) -> None:
         self.client, self.processor, self.config = client, processor, config
-        self.on_bad_input, self.progress = on_bad_input, progress
+        self.on_bad_input, self.chunk_size, self.progress = on_bad_input, chunk_size, progress
         self.ledger = ChunkLedger()
         self.accumulator: Any = None
+        self.infos: list[FileInfo] = []
+        self.skipped: list[dict] = []
         self.columns: set[str] = set()
         self.replicas_used: dict[str, int] = {}
         self.workers_used: set[int] = set()
         self.run_id = uuid.uuid4().hex[:10]
-        self.chunk_of: dict[str, Chunk] = {}
+        self.work: dict[str, Chunk | FileTask] = {}
+        self.inspections: dict[str, int] = {}
+        self.remembered = 0
+        self.pending = as_completed(loop=client.loop)
+        self.processor_future: Any = None
+        self.started = 0.0
 
-    def submit(self, chunk: Chunk, processor_future: Any) -> Future:
-        attempt = self.ledger.attempt(chunk.chunk_id)
-        key = f"chunk-{self.run_id}-{len(self.chunk_of)}-try{attempt}"
-        self.chunk_of[key] = chunk
-        return self.client.submit(process_chunk, processor_future, chunk,
-                                  self.config.processing.open_timeout,
-                                  self.config.processing.open_files_per_worker, key=key, pure=False)
+    def _key(self, kind: str, attempt: int) -> str:
+        return f"{kind}-{self.run_id}-{len(self.work)}-{uuid.uuid4().hex[:6]}-try{attempt}"
 
-    def run(self, chunks: list[Chunk], started: float) -> None:
-        for chunk in chunks:
+    def inspect(self, task: FileTask) -> None:
+        attempt = self.inspections[task.label] = self.inspections.get(task.label, 0) + 1
+        key = self._key("preflight", attempt)
+        self.work[key] = task
+        self.pending.add(self.client.submit(inspect_file, task, self.config.processing.open_timeout,
+                                            key=key, pure=False))
+
+    def submit(self, chunk: Chunk) -> None:
+        key = self._key("chunk", self.ledger.attempt(chunk.chunk_id))
+        self.work[key] = chunk
+        self.pending.add(self.client.submit(
+            process_chunk, self.processor_future, chunk, self.config.processing.open_timeout,
+            self.config.processing.open_files_per_worker, key=key, pure=False))
+
+    def plan(self, info: FileInfo) -> None:
+        self.infos.append(info)
+        for chunk in plan_chunks(_with_working_replica_first(info), self.chunk_size):
             self.ledger.add(chunk)
-        if not chunks:
-            return
-        [processor_future] = self.client.scatter([self.processor], hash=False)
-        futures = as_completed([self.submit(chunk, processor_future) for chunk in chunks],
-                               loop=self.client.loop)
-        for future in futures:
-            chunk = self.chunk_of.pop(future.key)
-            try:
-                self._merge(future.result(), started)
-            except InputError as exc:
-                self._bad_input(exc, chunk, futures)
-            except TRANSIENT as exc:
-                self._retry_or_fail(exc, chunk, futures, processor_future)
-            except FutureCancelledError:
-                continue
-            except Exception as exc:
-                _settle(list(futures.futures))
-                raise RunError(f"the processor failed on chunk {chunk.chunk_id}: "
-                               f"{type(exc).__name__}: {exc}") from exc
-            finally:
-                future.release()
+            self.submit(chunk)
 
-    def _merge(self, out: ChunkOutput, started: float) -> None:
+    def run(self, tasks: list[FileTask], started: float) -> None:
+        self.started = started
+        if not tasks:
+            return
+        [self.processor_future] = self.client.scatter([self.processor], hash=False, broadcast=True)
+        for task in tasks:
+            known = _inspected.get(_inspection_key(task))
+            if known is None:
+                self.inspect(task)
+            else:
+                self.remembered += 1
+                self.plan(known)
+        try:
+            for future in self.pending:
+                item = self.work.pop(future.key)
+                try:
+                    self._settle_future(future, item)
+                finally:
+                    future.release()
+        except BaseException:
+            _settle(self.pending.futures)
+            raise
+        order = {task.label: i for i, task in enumerate(tasks)}
+        self.infos.sort(key=lambda info: order[info.task.label])
+
+    def _settle_future(self, future: Future, item: Chunk | FileTask) -> None:
+        try:
+            result = future.result()
+        except InputError as exc:
+            self._bad_input(exc, item)
+        except TRANSIENT as exc:
+            self._retry_or_fail(exc, item)
+        except FutureCancelledError:
+            return
+        except Exception as exc:
+            what = (f"the processor failed on chunk {item.chunk_id}" if isinstance(item, Chunk)
+                    else f"inspecting {item.label} failed")
+            raise RunError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        else:
+            if isinstance(item, Chunk):
+                self._merge(result)
+            else:
+                _remember(result)
+                self.plan(result)
+
+    def _merge(self, out: ChunkOutput) -> None:
         if not self.ledger.settle_done(out.chunk_id, replica=out.replica,
                                        worker=str(out.worker_pid), seconds=out.seconds):
             return
@@ -186,24 +236,33 @@ class _ChunkRunner:
         if self.progress:
             self.progress(Progress(self.ledger.count("done") + self.ledger.count("skipped"),
                                    len(self.ledger.entries), self.ledger.events("done"),
-                                   time.perf_counter() - started, self.accumulator))
+                                   time.perf_counter() - self.started, self.accumulator))
 
-    def _bad_input(self, exc: InputError, chunk: Chunk, futures: as_completed) -> None:
+    def _bad_input(self, exc: InputError, item: Chunk | FileTask) -> None:
+        _forget(item.file if isinstance(item, Chunk) else item)
         if self.on_bad_input == "fail":
-            _settle(list(futures.futures))
             raise RunError(_bad_input_message(exc)) from None
-        self.ledger.settle_skipped(chunk.chunk_id, str(exc))
+        if isinstance(item, Chunk):
+            self.ledger.settle_skipped(item.chunk_id, str(exc))
+        else:
+            self.skipped.append({"file": exc.file, "url": exc.url, "entries": "all",
+                                 "reason": exc.reason, "stage": "preflight"})
 
-    def _retry_or_fail(self, exc: BaseException, chunk: Chunk, futures: as_completed,
-                       processor_future: Any) -> None:
-        entry = self.ledger.entries[chunk.chunk_id]
-        if entry.state != "pending":
+    def _retry_or_fail(self, exc: BaseException, item: Chunk | FileTask) -> None:
+        if isinstance(item, FileTask):
+            attempts, what = self.inspections[item.label], f"inspecting {item.label}"
+        else:
+            entry = self.ledger.entries[item.chunk_id]
+            if entry.state != "pending":
+                return
+            attempts, what = entry.attempts, f"chunk {item.chunk_id}"
+        if attempts <= self.config.processing.retries:
+            if isinstance(item, FileTask):
+                self.inspect(item)
+            else:
+                self.submit(item)
             return
-        if entry.attempts <= self.config.processing.retries:
-            futures.add(self.submit(chunk, processor_future))
-            return
-        _settle(list(futures.futures))
-        raise RunError(f"chunk {chunk.chunk_id} failed {entry.attempts} times, last: "
+        raise RunError(f"{what} failed {attempts} times, last: "
                        f"{type(exc).__name__}: {exc}") from exc
 
 
@@ -240,20 +299,17 @@ def run(processor: ProcessorABC | str, dataset: str | list[str], *,
     datasets = [catalog.get(n) for n in names]
     client, owned = _client_for(config, client)
     started = time.perf_counter()
-    skipped: list[dict] = []
+    runner = _ChunkRunner(client, processor, config, policy,
+                          chunk_size or config.processing.chunk_size, progress)
     try:
-        infos = preflight(client, file_tasks(datasets, config), config, policy, skipped)
-        size = chunk_size or config.processing.chunk_size
-        chunks = [c for info in infos for c in plan_chunks(_with_working_replica_first(info), size)]
-        runner = _ChunkRunner(client, processor, config, policy, progress)
-        runner.run(chunks, started)
+        runner.run(file_tasks(datasets, config), started)
     finally:
         if owned:
             client.close()
     runner.ledger.check_complete()
     wall = time.perf_counter() - started
     result = processor.postprocess(runner.accumulator) if runner.accumulator is not None else {}
-    summary = _summary(names, processor, infos, runner, skipped, wall, catalog_events={
+    summary = _summary(names, processor, runner, wall, catalog_events={
         ds.name: ds.events for ds in datasets})
     summarize = getattr(processor, "summarize", None)
     if callable(summarize) and result:
@@ -274,10 +330,9 @@ def _run_name(processor: ProcessorABC, datasets: list[str]) -> str:
     return f"{stamp}-{short}-{'+'.join(datasets)[:60]}-{uuid.uuid4().hex[:4]}"
 
 
-def _summary(names: list[str], processor: ProcessorABC, infos: list[FileInfo],
-             runner: _ChunkRunner, skipped: list[dict], wall: float,
+def _summary(names: list[str], processor: ProcessorABC, runner: _ChunkRunner, wall: float,
              catalog_events: dict[str, int]) -> dict[str, Any]:
-    ledger = runner.ledger
+    ledger, infos, skipped = runner.ledger, runner.infos, list(runner.skipped)
     for entry in ledger.entries.values():
         if entry.state == "skipped":
             skipped.append({"file": entry.chunk.file.label, "url": entry.chunk.file.urls[0],
@@ -304,6 +359,7 @@ def _summary(names: list[str], processor: ProcessorABC, infos: list[FileInfo],
                    "duplicates_refused": ledger.duplicates_refused},
         "wall_seconds": round(wall, 3),
         "events_per_second": round(events / wall, 1) if wall > 0 else 0.0,
+        "files": {"inspected": len(runner.inspections), "remembered": runner.remembered},
         "per_dataset": per_dataset,
         "skipped": skipped,
         "columns_read": sorted(runner.columns),
