@@ -1,7 +1,8 @@
 """An interactive analysis facility for high-energy physics.
 
-``facility.run(processor, dataset)`` runs a coffea processor over a catalog dataset on the
-configured Dask cluster; ``facility.load_config()`` reads the one configuration everything uses.
+``facility.connect()`` gives a Dask client on a cluster of one's own; ``facility.run(processor,
+dataset)`` runs a coffea processor over a catalog dataset on the configured Dask cluster;
+``facility.load_config()`` reads the one configuration everything uses.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ os.environ.setdefault("XRD_REQUESTTIMEOUT", "60")
 
 from facility.config import FacilityConfig, load_config
 
-__all__ = ["FacilityConfig", "load_config", "run"]
+__all__ = ["FacilityConfig", "connect", "load_config", "run"]
 __version__ = "0.1.0"
 
 
@@ -26,4 +27,8 @@ def __getattr__(name: str) -> object:
         from facility.processing.runner import run
 
         return run
+    if name == "connect":
+        from facility.cluster.connect import connect
+
+        return connect
     raise AttributeError(f"module 'facility' has no attribute {name!r}")

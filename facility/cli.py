@@ -159,9 +159,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.scale is not None:
+        from facility.cluster.scale_bench import scale_command
+
+        return scale_command(_config(args), args.scale or [1, 2, 4], console)
     from facility.processing.bench import bench_command
 
     return bench_command(_config(args), args, console)
+
+
+def cmd_clusters(args: argparse.Namespace) -> int:
+    from facility.cluster.limits import Identity
+    from facility.cluster.local import local_clusters
+
+    config = _config(args)
+    user = Identity.current().user
+    mine = [c for c in local_clusters(config) if args.all_users or c.identity.user == user]
+    if args.action == "stop":
+        chosen = mine if args.all else [c for c in mine if c.name in args.names]
+        unknown = set(args.names) - {c.name for c in chosen}
+        if unknown:
+            raise LookupError(f"no cluster named {', '.join(sorted(unknown))} of user {user!r}; "
+                              "see `facility clusters`")
+        for cluster in chosen:
+            console.print(f"{'stopped' if cluster.stop() else 'was not running'}: {cluster.name}")
+        return 0
+    table = Table("cluster", "user", "state", "workers asked", "owner pid", "scheduler", "dashboard")
+    for cluster in mine:
+        info = cluster.running()
+        table.add_row(cluster.name, cluster.identity.user, "running" if info else "stopped",
+                      cluster.request.describe(), str(info.owner_pid or "-") if info else "-",
+                      info.scheduler_address if info else "-",
+                      (info.dashboard_link() or "-") if info else "-")
+    Console(width=max(console.width, 160)).print(table)
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -201,7 +232,16 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--files", type=int, default=4)
     bench.add_argument("--workers", type=int, default=None)
     bench.add_argument("--repeat", type=int, default=3, help="rounds; the best of each is shown")
+    bench.add_argument("--scale", type=int, nargs="*", metavar="N",
+                       help="instead: seconds from connect() to N workers ready (default 1 2 4)")
     bench.set_defaults(func=cmd_bench)
+
+    clusters = sub.add_parser("clusters", help="your Dask clusters: list, or stop some")
+    clusters.add_argument("action", nargs="?", choices=["list", "stop"], default="list")
+    clusters.add_argument("names", nargs="*", help="clusters to stop")
+    clusters.add_argument("--all", action="store_true", help="stop all of them")
+    clusters.add_argument("--all-users", action="store_true", help="every user's (operators)")
+    clusters.set_defaults(func=cmd_clusters)
     return top
 
 

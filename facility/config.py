@@ -59,22 +59,63 @@ class RegionConfig(_Strict):
     )
 
 
-class ClusterConfig(_Strict):
-    """The Dask cluster a run uses."""
+MEMORY_PATTERN = r"^\d+(\.\d+)?\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)$"
 
-    backend: Literal["local"] = "local"
+
+class Limits(_Strict):
+    """What one cluster of a user may hold at once; null is no limit."""
+
+    workers: int | None = Field(default=None, ge=0)
+    cores: int | None = Field(default=None, ge=0)
+    memory: str | None = Field(default=None, pattern=MEMORY_PATTERN)
+    gpus: int | None = Field(default=None, ge=0)
+
+
+class LimitsConfig(_Strict):
+    """Limits by user, then by VO group (the most generous group wins), then the default."""
+
+    default: Limits = Field(default_factory=Limits)
+    groups: dict[str, Limits] = Field(default_factory=dict)
+    users: dict[str, Limits] = Field(default_factory=dict)
+
+
+class KubernetesConfig(_Strict):
+    """How the kubernetes backend shapes the DaskCluster it asks the dask operator for."""
+
+    operator: bool = Field(default=False, description="the dask-kubernetes operator is installed")
+    namespace: str = Field(default="default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    image: str | None = Field(default=None,
+                              description="worker image; default: the notebook's JUPYTER_IMAGE_SPEC")
+    scheduler_service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    forward_env: list[str] = Field(
+        default_factory=lambda: ["FACILITY_*", "X509_*", "BEARER_TOKEN*", "JUPYTERHUB_USER"],
+        description="environment variables (fnmatch patterns) copied from the notebook to pods")
+    gpu_node_selector: dict[str, str] = Field(default_factory=dict)
+    gpu_tolerations: list[dict[str, str]] = Field(default_factory=list)
+
+
+class ClusterConfig(_Strict):
+    """The Dask clusters runs and notebooks use."""
+
+    backend: Literal["auto", "local", "kubernetes"] = Field(
+        default="auto", description="auto: kubernetes inside a pod where the operator is installed")
     min_workers: int = Field(default=1, ge=0)
     max_workers: int = Field(default_factory=lambda: max(os.cpu_count() or 1, 1), ge=1)
     threads_per_worker: int = Field(default=1, ge=1)
-    memory_limit: str = Field(default="4GiB", pattern=r"^\d+(\.\d+)?\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)$")
+    memory_limit: str = Field(default="4GiB", pattern=MEMORY_PATTERN)
+    gpus_per_worker: int = Field(default=0, ge=0)
     scheduler_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
-    dashboard_port: int = Field(default=8787, ge=0, le=65535)
+    dashboard_port: int = Field(default=8787, ge=0, le=65535, description="0 picks a free port")
     worker_start_timeout: float = Field(default=120.0, gt=0)
+    idle_timeout: float = Field(default=1800.0, ge=0,
+                                description="seconds without work before a cluster stops; 0 never")
     malloc_trim_threshold: int | None = Field(
         default=None, ge=0,
         description="MALLOC_TRIM_THRESHOLD_ of worker processes; null keeps glibc's adaptive "
                     "thresholds (Dask's own 65536 hands every freed array back to the OS and makes "
                     "column reading about 1.7x slower)")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
 
     @model_validator(mode="after")
     def _min_not_above_max(self) -> ClusterConfig:

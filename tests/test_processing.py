@@ -12,7 +12,6 @@ import cloudpickle
 import numpy as np
 import pytest
 import uproot
-from distributed import Client
 
 from facility.cluster.base import backend_for
 from facility.config import FacilityConfig
@@ -123,7 +122,7 @@ def _slow_dimuon() -> DimuonProcessor:
 
 def test_worker_killed_mid_run_gives_identical_results(facility_config: FacilityConfig) -> None:
     reference = run("dimuon", "DY", config=facility_config, output=False, chunk_size=2000)
-    client = Client(backend_for(facility_config).start().scheduler_address, set_as_default=False)
+    client = backend_for(facility_config).client()
     killed: list[int] = []
 
     def kill_one_worker(progress: Progress) -> None:

@@ -1,21 +1,42 @@
 """The cluster backend interface: how a run gets a Dask client, whatever runs the workers.
 
-A backend knows how to bring a cluster up, hand out a client, resize it and take it down. The
-configuration picks the implementation (``cluster.backend``); callers never test which one runs.
+A backend knows how to bring a cluster up, hand out a client, explain a shortfall of workers and
+take it down. The configuration picks the implementation (``cluster.backend``; ``auto`` picks
+kubernetes inside a pod where the dask operator is installed, else local); callers never test
+which one runs.
 """
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
+import psutil
 from distributed import Client
+from distributed.security import Security
 
+from facility.cluster.limits import Identity, WorkerRequest
 from facility.config import FacilityConfig
+
+PROXY_PREFIX_ENV = "JUPYTERHUB_SERVICE_PREFIX"
 
 
 class ClusterError(RuntimeError):
     """A cluster could not be started, reached or resized."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process a cluster lives and dies with (a notebook kernel, a command)."""
+
+    pid: int
+    create_time: float
+
+    @classmethod
+    def this_process(cls) -> Owner:
+        return cls(os.getpid(), psutil.Process().create_time())
 
 
 @dataclass(frozen=True)
@@ -25,18 +46,39 @@ class ClusterInfo:
     name: str
     backend: str
     scheduler_address: str
-    dashboard_link: str | None
-    workers: int
+    dashboard_host: str | None
+    dashboard_port: int | None
+    user: str
+    owner_pid: int | None = None
+    notes: tuple[str, ...] = ()
+
+    def dashboard_link(self, environ: dict[str, str] | None = None) -> str | None:
+        """Behind the hub: the notebook server's proxy path; from a terminal: the host itself."""
+        if self.dashboard_port is None:
+            return None
+        env = os.environ if environ is None else environ
+        prefix = env.get(PROXY_PREFIX_ENV)
+        if prefix:
+            local = self.dashboard_host in (None, "127.0.0.1", "localhost")
+            target = str(self.dashboard_port) if local else f"{self.dashboard_host}:{self.dashboard_port}"
+            return f"{prefix.rstrip('/')}/proxy/{target}/status"
+        return f"http://{self.dashboard_host}:{self.dashboard_port}/status"
 
 
 class ClusterBackend(ABC):
-    """One kind of Dask cluster. Implementations: ``local`` (processes on this machine)."""
+    """One kind of Dask cluster: ``local`` (processes here) or ``kubernetes`` (dask operator)."""
 
     backend_name: str = "abstract"
 
-    def __init__(self, config: FacilityConfig, name: str = "default") -> None:
+    def __init__(self, config: FacilityConfig, name: str = "default",
+                 request: WorkerRequest | None = None, owner: Owner | None = None,
+                 identity: Identity | None = None, idle_timeout: float | None = None) -> None:
         self.config = config
         self.name = name
+        self.request = request or WorkerRequest.from_config(config)
+        self.owner = owner
+        self.identity = identity or Identity.current()
+        self.idle_timeout = config.cluster.idle_timeout if idle_timeout is None else idle_timeout
 
     @abstractmethod
     def start(self) -> ClusterInfo:
@@ -50,10 +92,29 @@ class ClusterBackend(ABC):
     def stop(self) -> bool:
         """Take the cluster down; returns whether it was running."""
 
+    @abstractmethod
+    def adapt(self, client: Client, minimum: int, maximum: int) -> dict:
+        """Grow and shrink with the work between ``minimum`` and ``maximum`` workers."""
+
+    @abstractmethod
+    def scale(self, client: Client, n: int) -> dict:
+        """Hold ``n`` workers (no more adapting)."""
+
+    @property
+    @abstractmethod
+    def security(self) -> Security:
+        """The credentials a client of this cluster presents."""
+
     def client(self, timeout: float = 30.0) -> Client:
         """A client connected to the (started) cluster."""
         info = self.start()
-        return Client(info.scheduler_address, timeout=timeout, set_as_default=False)
+        return Client(info.scheduler_address, timeout=timeout, set_as_default=False,
+                      security=self.security)
+
+    def explain(self, client: Any) -> list[str]:
+        """Why workers are missing; the base knows the limits, implementations add the rest."""
+        info = self.running()
+        return [f"limit: {note}" for note in (info.notes if info else self.request.notes)]
 
     def wait_for_workers(self, client: Client, n: int, timeout: float | None = None) -> None:
         """Block until ``n`` workers are connected, or explain why not."""
@@ -62,20 +123,31 @@ class ClusterBackend(ABC):
             client.wait_for_workers(n, timeout=timeout)
         except TimeoutError as exc:
             have = len(client.scheduler_info(n_workers=-1)["workers"])
+            why = "; ".join(self.explain(client)) or "no reason found"
             raise ClusterError(
-                f"cluster {self.name!r} has {have} of {n} workers after {timeout:.0f} s"
+                f"cluster {self.name!r} has {have} of {n} workers after {timeout:.0f} s: {why}"
             ) from exc
 
 
-def backend_for(config: FacilityConfig, name: str = "default") -> ClusterBackend:
+def in_kubernetes_pod(environ: dict[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    return "KUBERNETES_SERVICE_HOST" in env
+
+
+def backend_name(config: FacilityConfig, environ: dict[str, str] | None = None) -> str:
+    """``auto`` means kubernetes inside a pod where the operator is installed, else local."""
+    chosen = config.cluster.backend
+    if chosen != "auto":
+        return chosen
+    return "kubernetes" if in_kubernetes_pod(environ) and config.cluster.kubernetes.operator \
+        else "local"
+
+
+def backend_for(config: FacilityConfig, name: str = "default", **options: Any) -> ClusterBackend:
     """The backend the configuration selects."""
+    from facility.cluster.kubernetes import KubernetesBackend
     from facility.cluster.local import LocalBackend
 
-    backends: dict[str, type[ClusterBackend]] = {LocalBackend.backend_name: LocalBackend}
-    try:
-        return backends[config.cluster.backend](config, name)
-    except KeyError:
-        raise ClusterError(
-            f"cluster.backend {config.cluster.backend!r} is not available; choose one of "
-            f"{', '.join(sorted(backends))}"
-        ) from None
+    backends: dict[str, type[ClusterBackend]] = {LocalBackend.backend_name: LocalBackend,
+                                                 KubernetesBackend.backend_name: KubernetesBackend}
+    return backends[backend_name(config)](config, name, **options)

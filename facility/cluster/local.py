@@ -1,29 +1,62 @@
 """Local cluster backend: a Dask scheduler process and worker processes on this machine.
 
-``python -m facility.cluster.local NAME`` is the cluster process: it runs the scheduler, and
+``python -m facility.cluster.local FOLDER`` is the cluster process: it runs the scheduler and
 adaptively starts and stops worker processes (each behind a nanny that restarts it if it dies)
-between the configured minimum and maximum. The backend runs it as an embedded-facility service,
-so it outlives the notebook or command that asked for it, and finds it again by its record.
+between a minimum and a maximum. It runs as a supervised service, so the command or notebook that
+asked for it can go away and find it again, and it ends by itself when
+
+* its owner process dies (a notebook kernel that exits or is killed): no orphan is left behind;
+* it had no work for ``idle_timeout`` seconds;
+* it is stopped (``facility clusters stop``, ``facility down``, ``cluster.close()``).
+
+Every cluster speaks mutual TLS with credentials of its own (see :mod:`facility.cluster.security`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
+import subprocess
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import dask
+import psutil
+from dask.utils import format_bytes
 from distributed import Nanny, Scheduler, SpecCluster
+from distributed.security import Security
 
 from facility.cluster.base import ClusterBackend, ClusterError, ClusterInfo
-from facility.config import FacilityConfig, load_config
-from facility.embedded.services import Service, ServiceError, Supervisor
+from facility.cluster.limits import Identity, WorkerRequest
+from facility.cluster.security import create_credentials, security_from
+from facility.config import FacilityConfig
+from facility.embedded.services import Service, ServiceError, Supervisor, tail
+
+OWNER_POLL_SECONDS = 0.5
 
 
-def _address_file(config: FacilityConfig, name: str) -> Path:
-    return config.state_path / "run" / f"dask-{name}.address.json"
+def clusters_path(config: FacilityConfig) -> Path:
+    return config.state_path / "clusters"
+
+
+def cluster_folder(config: FacilityConfig, name: str) -> Path:
+    return clusters_path(config) / name
+
+
+def local_gpus() -> int:
+    """GPUs this machine has (NVIDIA), 0 when none or no driver."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
 
 
 class LocalBackend(ClusterBackend):
@@ -32,36 +65,42 @@ class LocalBackend(ClusterBackend):
     backend_name = "local"
 
     @property
+    def folder(self) -> Path:
+        return cluster_folder(self.config, self.name)
+
+    @property
     def service_name(self) -> str:
         return f"dask-{self.name}"
 
     def service(self) -> Service:
-        address_file = _address_file(self.config, self.name)
         return Service(
             name=self.service_name,
-            argv=[sys.executable, "-m", "facility.cluster.local", self.name],
-            ready=address_file.exists,
+            argv=[sys.executable, "-m", "facility.cluster.local", str(self.folder)],
+            ready=(self.folder / "record.json").exists,
             start_timeout=self.config.cluster.worker_start_timeout,
-            description=(f"Dask cluster {self.name!r}: {self.config.cluster.min_workers}.."
-                         f"{self.config.cluster.max_workers} workers"),
+            description=f"Dask cluster {self.name!r}: {self.request.describe()}",
         )
 
-    def _config_file(self) -> Path:
-        """The cluster process reads the exact configuration this process resolved."""
-        path = self.config.state_path / "run" / f"dask-{self.name}.config.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.config.model_dump_json())
-        return path
+    def check_request(self) -> None:
+        if self.request.gpus and local_gpus() < self.request.gpus:
+            raise ClusterError(
+                f"cluster {self.name!r}: {self.request.gpus} GPU(s) per worker asked for, but this "
+                f"machine has {local_gpus()}; ask for gpus=0 here, or use a GPU environment")
 
     def start(self) -> ClusterInfo:
         running = self.running()
         if running is not None:
             return running
-        _address_file(self.config, self.name).unlink(missing_ok=True)
-        service = self.service()
-        service.argv.append(str(self._config_file()))
+        self.check_request()
+        (self.folder / "record.json").unlink(missing_ok=True)
+        create_credentials(self.folder)
+        (self.folder / "spec.json").write_text(json.dumps({
+            "name": self.name, "config": self.config.model_dump(mode="json"),
+            "request": asdict(self.request), "owner": asdict(self.owner) if self.owner else None,
+            "user": self.identity.user, "idle_timeout": self.idle_timeout,
+        }))
         try:
-            Supervisor(self.config.state_path).start(service)
+            Supervisor(self.config.state_path).start(self.service())
         except ServiceError as exc:
             raise ClusterError(str(exc)) from exc
         info = self.running()
@@ -69,20 +108,83 @@ class LocalBackend(ClusterBackend):
             raise ClusterError(f"cluster {self.name!r} started but wrote no address")
         return info
 
-    def running(self) -> ClusterInfo | None:
+    def _record(self) -> dict | None:
         if Supervisor(self.config.state_path).process(self.service_name) is None:
             return None
         try:
-            record = json.loads(_address_file(self.config, self.name).read_text())
+            return json.loads((self.folder / "record.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        return ClusterInfo(self.name, self.backend_name, record["address"], record["dashboard"],
-                           record.get("workers", 0))
+
+    def running(self) -> ClusterInfo | None:
+        record = self._record()
+        if record is None:
+            return None
+        return ClusterInfo(self.name, self.backend_name, record["address"], record["dashboard_host"],
+                           record["dashboard_port"], record["user"], record.get("owner_pid"),
+                           tuple(record.get("notes", ())))
 
     def stop(self) -> bool:
         stopped = Supervisor(self.config.state_path).stop(self.service_name)
-        _address_file(self.config, self.name).unlink(missing_ok=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
         return stopped
+
+    @property
+    def security(self) -> Security:
+        return security_from(self.folder)
+
+    def adapt(self, client: Any, minimum: int, maximum: int) -> dict:
+        return client.sync(client.scheduler.facility_adapt, minimum=minimum, maximum=maximum)
+
+    def scale(self, client: Any, n: int) -> dict:
+        return client.sync(client.scheduler.facility_scale, n=n)
+
+    def explain(self, client: Any) -> list[str]:
+        reasons = super().explain(client)
+        workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        want = max(self.request.min_workers, 1)
+        if workers >= want:
+            return reasons
+        needed = self.request.memory * want
+        available = psutil.virtual_memory().available
+        if available < needed:
+            reasons.append(f"this machine has {format_bytes(available)} of memory free, "
+                           f"{want} workers of {format_bytes(self.request.memory)} need "
+                           f"{format_bytes(needed)}")
+        cores = psutil.cpu_count() or 1
+        if self.request.threads * want > cores:
+            reasons.append(f"{want} workers of {self.request.threads} threads oversubscribe the "
+                           f"{cores} cores of this machine")
+        log = Supervisor(self.config.state_path).log_path(self.service_name)
+        problems = [line for line in tail(log, 200).splitlines()
+                    if any(sign in line for sign in ("Error", "failed", "Killed", "Traceback"))]
+        if problems:
+            reasons.append("the cluster's log reports: " + " | ".join(problems[-3:]))
+        if len(reasons) == 0:
+            reasons.append(f"{workers} of {want} workers are up; the others are still starting "
+                           f"(log: {log})")
+        return reasons
+
+
+def local_clusters(config: FacilityConfig) -> list[LocalBackend]:
+    """Every local cluster that has a folder, running or not."""
+    root = clusters_path(config)
+    if not root.exists():
+        return []
+    found = []
+    for spec in sorted(root.glob("*/spec.json")):
+        try:
+            data = json.loads(spec.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        request = WorkerRequest(**{**data["request"], "notes": tuple(data["request"]["notes"])})
+        found.append(LocalBackend(config, data["name"], request,
+                                  identity=Identity(data.get("user", "unknown"))))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# the cluster process
 
 
 def worker_environment(config: FacilityConfig) -> dict[str, int | None]:
@@ -90,55 +192,114 @@ def worker_environment(config: FacilityConfig) -> dict[str, int | None]:
     return {"MALLOC_TRIM_THRESHOLD_": config.cluster.malloc_trim_threshold}
 
 
-def worker_spec(config: FacilityConfig) -> dict:
-    return {
-        "cls": Nanny,
-        "options": {
-            "nthreads": config.cluster.threads_per_worker,
-            "memory_limit": config.cluster.memory_limit,
-            "host": "127.0.0.1",
-        },
-    }
+def worker_spec(request: WorkerRequest, security: Security) -> dict:
+    options: dict[str, Any] = {"nthreads": request.threads, "memory_limit": request.memory,
+                               "host": "127.0.0.1", "security": security,
+                               "protocol": "tls"}
+    if request.gpus:
+        options["resources"] = {"GPU": request.gpus}
+    return {"cls": Nanny, "options": options}
 
 
-async def serve(config: FacilityConfig, name: str) -> None:
-    """Run the scheduler and adaptive workers until SIGTERM/SIGINT."""
+def scheduler_spec(config: FacilityConfig, security: Security, idle_timeout: float,
+                   fixed_ports: bool) -> dict:
+    """The facility's own cluster listens on the configured ports, users' clusters on free ones."""
+    port = config.cluster.scheduler_port if fixed_ports else 0
+    dashboard = config.cluster.dashboard_port if fixed_ports else 0
+    return {"cls": Scheduler, "options": {
+        "host": "127.0.0.1", "port": port, "protocol": "tls",
+        "dashboard_address": f"127.0.0.1:{dashboard}", "security": security,
+        "idle_timeout": idle_timeout or None,
+    }}
+
+
+def _owner_alive(owner: dict | None) -> bool:
+    if owner is None:
+        return True
+    try:
+        proc = psutil.Process(owner["pid"])
+        return abs(proc.create_time() - owner["create_time"]) < 1.0 and proc.status() != "zombie"
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _scheduler(cluster: SpecCluster) -> Scheduler:
+    scheduler = cluster.scheduler
+    if scheduler is None:
+        raise ClusterError("the cluster has no scheduler")
+    return scheduler
+
+
+def _install_controls(cluster: SpecCluster) -> None:
+    """Let clients resize the cluster through the scheduler they already trust (TLS)."""
+
+    def adapt(minimum: int, maximum: int) -> dict:
+        cluster.adapt(minimum=minimum, maximum=maximum, wait_count=5, interval="500ms")
+        return {"minimum": minimum, "maximum": maximum}
+
+    def scale(n: int) -> dict:
+        if cluster._adaptive is not None:
+            cluster._adaptive.stop()
+        cluster.scale(n)
+        return {"workers": n}
+
+    _scheduler(cluster).handlers["facility_adapt"] = adapt
+    _scheduler(cluster).handlers["facility_scale"] = scale
+
+
+async def _until_done(cluster: SpecCluster, owner: dict | None, stop: asyncio.Event) -> str:
+    while not stop.is_set():
+        if not _owner_alive(owner):
+            return f"owner process {owner['pid'] if owner else '?'} is gone"
+        if _scheduler(cluster).status.name in ("closing", "closed", "closing_gracefully"):
+            return "the scheduler closed (idle timeout or shutdown)"
+        try:
+            await asyncio.wait_for(stop.wait(), OWNER_POLL_SECONDS)
+        except TimeoutError:
+            continue
+    return "asked to stop"
+
+
+async def serve(folder: Path) -> None:
+    """Run the scheduler and adaptive workers until stopped, idle, or orphaned."""
+    spec = json.loads((folder / "spec.json").read_text())
+    config = FacilityConfig.model_validate(spec["config"])
+    request = WorkerRequest(**{**spec["request"], "notes": tuple(spec["request"]["notes"])})
     for variable, value in worker_environment(config).items():
         dask.config.set({f"distributed.nanny.pre-spawn-environ.{variable}": value})
-    scheduler = {
-        "cls": Scheduler,
-        "options": {
-            "host": "127.0.0.1",
-            "port": config.cluster.scheduler_port,
-            "dashboard_address": f"127.0.0.1:{config.cluster.dashboard_port}",
-        },
-    }
-    async with SpecCluster(workers={}, scheduler=scheduler, worker=worker_spec(config),
-                           asynchronous=True, name=name) as cluster:
-        cluster.adapt(minimum=config.cluster.min_workers, maximum=config.cluster.max_workers,
+    security = security_from(folder)
+    idle = spec.get("idle_timeout", config.cluster.idle_timeout)
+    fixed_ports = spec.get("owner") is None
+    async with SpecCluster(workers={}, scheduler=scheduler_spec(config, security, idle, fixed_ports),
+                           worker=worker_spec(request, security), security=security,
+                           asynchronous=True, name=spec["name"]) as cluster:
+        cluster.adapt(minimum=request.min_workers, maximum=request.max_workers,
                       wait_count=5, interval="500ms")
+        _install_controls(cluster)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        info = cluster.scheduler_info
-        address_file = _address_file(config, name)
-        tmp = address_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({
-            "address": cluster.scheduler_address,
-            "dashboard": cluster.dashboard_link,
-            "workers": len(info.get("workers", {})),
-        }))
-        tmp.replace(address_file)
-        await stop.wait()
-        address_file.unlink(missing_ok=True)
+        _write_record(folder, cluster, spec, request)
+        reason = await _until_done(cluster, spec.get("owner"), stop)
+        print(f"cluster {spec['name']} stopping: {reason}", flush=True)
+        (folder / "record.json").unlink(missing_ok=True)
+
+
+def _write_record(folder: Path, cluster: SpecCluster, spec: dict, request: WorkerRequest) -> None:
+    dashboard = _scheduler(cluster).services.get("dashboard")
+    port = dashboard.port if dashboard is not None else None
+    record = {"address": cluster.scheduler_address, "dashboard_host": "127.0.0.1",
+              "dashboard_port": port, "user": spec["user"],
+              "owner_pid": spec["owner"]["pid"] if spec.get("owner") else None,
+              "notes": list(request.notes), "started": time.time()}
+    tmp = folder / "record.tmp"
+    tmp.write_text(json.dumps(record))
+    tmp.replace(folder / "record.json")
 
 
 def main(argv: list[str]) -> None:
-    name = argv[0] if argv else "default"
-    config = (FacilityConfig.model_validate_json(Path(argv[1]).read_text()) if len(argv) > 1
-              else load_config())
-    asyncio.run(serve(config, name))
+    asyncio.run(serve(Path(argv[0])))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from facility.cluster.base import backend_for
-from facility.cluster.local import LocalBackend
+from facility.cluster.local import LocalBackend, local_clusters
 from facility.config import FacilityConfig
 from facility.data.servers import data_server, served_regions
 from facility.embedded.services import Service, ServiceState, Supervisor
@@ -29,13 +29,14 @@ def up(config: FacilityConfig, report: Callable[[str], None] = print) -> None:
     already = backend.running()
     info = backend.start()
     report(f"{'already running' if already else 'started'}: Dask cluster at "
-           f"{info.scheduler_address}, dashboard {info.dashboard_link}")
+           f"{info.scheduler_address}, dashboard {info.dashboard_link()}")
 
 
 def down(config: FacilityConfig, report: Callable[[str], None] = print) -> None:
     supervisor = Supervisor(config.state_path)
-    if backend_for(config).stop():
-        report("stopped: Dask cluster")
+    for cluster in local_clusters(config):
+        if cluster.stop():
+            report(f"stopped: Dask cluster {cluster.name}")
     for service in data_services(config):
         if supervisor.stop(service.name):
             report(f"stopped: {service.name}")
@@ -44,7 +45,9 @@ def down(config: FacilityConfig, report: Callable[[str], None] = print) -> None:
 def status(config: FacilityConfig) -> list[ServiceState]:
     supervisor = Supervisor(config.state_path)
     states = [supervisor.state(service) for service in data_services(config)]
-    backend = backend_for(config)
-    if isinstance(backend, LocalBackend):
-        states.append(supervisor.state(backend.service()))
+    clusters = {c.name: c for c in local_clusters(config)}
+    default = backend_for(config)
+    if isinstance(default, LocalBackend):
+        clusters.setdefault(default.name, default)
+    states += [supervisor.state(cluster.service()) for cluster in clusters.values()]
     return states

@@ -1,0 +1,145 @@
+"""``facility.connect()``: a Dask client on a cluster of one's own, from a notebook or a terminal.
+
+    client = facility.connect(max_workers=20)       # new cluster, adaptive 1..20 (within limits)
+    client = facility.connect("zpeak", workers=4)   # a named cluster: attach, or create it
+    client.cluster.explain()                        # why workers are missing
+    client.cluster.dashboard_link                   # right behind the hub and from a terminal
+    client.cluster.close()
+
+The backend comes from the configuration (local processes, or the dask-kubernetes operator).
+Requests above the user's limits are clamped with a message naming the limit; attaching checks
+that client, scheduler and workers run the same software.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import uuid
+from typing import Any
+
+from distributed import Client
+from distributed.core import Status
+from distributed.security import Security
+
+from facility.cluster.base import ClusterBackend, ClusterError, ClusterInfo, Owner, backend_for
+from facility.cluster.limits import Identity, WorkerRequest, clamp, limits_for
+from facility.cluster.versions import check_versions
+from facility.config import FacilityConfig, load_config
+
+
+class FacilityCluster:
+    """The cluster behind a client: resize it, explain it, close it."""
+
+    def __init__(self, backend: ClusterBackend, info: ClusterInfo) -> None:
+        self.backend, self.info = backend, info
+        self.client: Client | None = None
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def status(self) -> Status:
+        """What ``distributed.Client`` asks of a cluster object before connecting to it."""
+        return Status.running if self.backend.running() is not None else Status.closed
+
+    @property
+    def scheduler_address(self) -> str:
+        return self.info.scheduler_address
+
+    @property
+    def security(self) -> Security:
+        return self.backend.security
+
+    @property
+    def dashboard_link(self) -> str | None:
+        return self.info.dashboard_link()
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the user's limits cut from the request."""
+        return self.info.notes
+
+    def _client(self) -> Client:
+        if self.client is None:
+            raise ClusterError(f"cluster {self.name!r} has no client attached")
+        return self.client
+
+    def adapt(self, minimum: int = 1, maximum: int | None = None) -> dict:
+        """Let the cluster grow and shrink with the work, within the user's limits."""
+        granted = self._granted(minimum, maximum if maximum is not None else minimum)
+        return self.backend.adapt(self._client(), granted.min_workers, granted.max_workers)
+
+    def scale(self, n: int) -> dict:
+        """A fixed number of workers (stops adapting), within the user's limits."""
+        return self.backend.scale(self._client(), self._granted(n, n).max_workers)
+
+    def _granted(self, minimum: int, maximum: int) -> WorkerRequest:
+        request = self.backend.request
+        asked = WorkerRequest(minimum, max(minimum, maximum), request.threads, request.memory,
+                              request.gpus)
+        limits, source = limits_for(self.backend.config, self.backend.identity)
+        granted = clamp(asked, limits, source)
+        _report(granted.notes)
+        return granted
+
+    def explain(self) -> str:
+        """Why workers are not running (limits, local resources, pending pods and their events)."""
+        client = self._client()
+        have = len(client.scheduler_info(n_workers=-1)["workers"])
+        lines = [f"cluster {self.name!r} ({self.backend.backend_name}): {have} workers running, "
+                 f"asked for {self.backend.request.describe()}"]
+        lines += [f"  - {reason}" for reason in self.backend.explain(client)]
+        return "\n".join(lines)
+
+    def close(self) -> bool:
+        """Stop the cluster's scheduler and workers."""
+        if self.client is not None:
+            self.client.close()
+        return self.backend.stop()
+
+    def __repr__(self) -> str:
+        return (f"<FacilityCluster {self.name!r} {self.backend.backend_name} "
+                f"{self.scheduler_address} dashboard={self.dashboard_link}>")
+
+
+def cluster_name(who: Identity, name: str | None) -> str:
+    """``<user>-<name>``, in the characters Kubernetes object names allow."""
+    base = f"{who.user}-{name or uuid.uuid4().hex[:6]}".lower()
+    return re.sub(r"[^a-z0-9-]+", "-", base).strip("-")[:50]
+
+
+def _report(notes: tuple[str, ...]) -> None:
+    for note in notes:
+        print(f"facility: request clamped: {note}", file=sys.stderr)
+
+
+def connect(name: str | None = None, *, workers: int | None = None,
+            min_workers: int | None = None, max_workers: int | None = None,
+            threads: int | None = None, memory: str | None = None, gpus: int | None = None,
+            idle_timeout: float | None = None, wait: bool = True,
+            config: FacilityConfig | None = None) -> Client:
+    """A client on the user's cluster ``name`` (created if needed, owned by this process)."""
+    config = config or load_config()
+    who = Identity.current()
+    if workers is not None:
+        min_workers = max_workers = workers
+    asked: dict[str, Any] = {"min_workers": min_workers, "max_workers": max_workers,
+                             "threads": threads, "memory": memory, "gpus": gpus}
+    limits, source = limits_for(config, who)
+    request = clamp(WorkerRequest.from_config(config, **asked), limits, source)
+    _report(request.notes)
+    backend = backend_for(config, cluster_name(who, name), request=request,
+                          owner=Owner.this_process(), identity=who, idle_timeout=idle_timeout)
+    handle = FacilityCluster(backend, backend.start())
+    client = Client(handle, security=handle.security, set_as_default=True, timeout=30)
+    handle.client = client
+    try:
+        check_versions(client, handle.name)
+        if wait and request.min_workers:
+            backend.wait_for_workers(client, request.min_workers)
+    except BaseException:
+        client.close()
+        raise
+    return client

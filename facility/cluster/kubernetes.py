@@ -1,0 +1,254 @@
+"""Kubernetes backend: a ``DaskCluster`` for the dask-kubernetes operator, shaped by the facility.
+
+What it asks the operator for (see :func:`manifests`):
+
+* a ``Secret`` with the cluster's own TLS credentials, mounted into scheduler and workers, which
+  speak mutual TLS only;
+* a ``DaskCluster`` whose scheduler and workers run the notebook's own image
+  (``JUPYTER_IMAGE_SPEC``) with the notebook's forwarded environment, sized by the granted
+  request, labelled with the user for the chart's NetworkPolicy, owned by the notebook pod so that
+  stopping the server removes the cluster, and with the operator's idle timeout;
+* for GPU workers, ``nvidia.com/gpu`` limits with the profile's node selector and tolerations;
+* a ``DaskAutoscaler`` between the granted minimum and maximum.
+
+The objects are applied with kr8s. Nothing here runs without a Kubernetes API; the manifests are
+validated against the operator's CRD schemas and the Kubernetes object schemas in the tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from dask_kubernetes.operator.kubecluster.kubecluster import make_cluster_spec
+from distributed.security import Security
+
+from facility.cluster.base import ClusterBackend, ClusterError, ClusterInfo
+from facility.cluster.local import cluster_folder
+from facility.cluster.security import FILES, create_credentials, pem_contents, security_from
+
+IMAGE_ENV = "JUPYTER_IMAGE_SPEC"
+TLS_MOUNT = "/etc/facility/tls"
+SCHEDULER_PORT = 8786
+DASHBOARD_PORT = 8787
+USER_LABEL = "facility.dev/user"
+
+
+def forwarded_environment(patterns: list[str], environ: dict[str, str]) -> dict[str, str]:
+    """The notebook's variables that workers need (credentials, facility settings)."""
+    return {key: value for key, value in sorted(environ.items())
+            if any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)}
+
+
+def _tls_args(role: str) -> list[str]:
+    return ["--tls-ca-file", f"{TLS_MOUNT}/{FILES['ca']}", "--tls-cert", f"{TLS_MOUNT}/{FILES['cert']}",
+            "--tls-key", f"{TLS_MOUNT}/{FILES['key']}"] + (["--protocol", "tls"] if role == "scheduler"
+                                                          else [])
+
+
+def _mount_tls(pod: dict, secret: str) -> None:
+    pod.setdefault("volumes", []).append({"name": "tls", "secret": {"secretName": secret,
+                                                                   "defaultMode": 0o400}})
+    for container in pod["containers"]:
+        container.setdefault("volumeMounts", []).append(
+            {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True})
+
+
+class KubernetesBackend(ClusterBackend):
+    """A DaskCluster managed by the dask-kubernetes operator in the user's namespace."""
+
+    backend_name = "kubernetes"
+
+    @property
+    def folder(self) -> Path:
+        return cluster_folder(self.config, self.name)
+
+    @property
+    def security(self) -> Security:
+        return security_from(self.folder)
+
+    def image(self, environ: dict[str, str]) -> str:
+        image = self.config.cluster.kubernetes.image or environ.get(IMAGE_ENV)
+        if not image:
+            raise ClusterError(f"cluster {self.name!r}: no worker image; set "
+                               f"cluster.kubernetes.image or start from a notebook ({IMAGE_ENV})")
+        return image
+
+    def manifests(self, environ: dict[str, str] | None = None,
+                  owner_pod: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+        """Everything :meth:`start` applies, in order."""
+        env = dict(os.environ if environ is None else environ)
+        k8s, request = self.config.cluster.kubernetes, self.request
+        secret = f"{self.name}-tls"
+        resources: dict[str, dict[str, Any]] = {
+            "requests": {"cpu": str(request.threads), "memory": str(request.memory)},
+            "limits": {"cpu": str(request.threads), "memory": str(request.memory)}}
+        if request.gpus:
+            resources["limits"]["nvidia.com/gpu"] = str(request.gpus)
+        cluster = make_cluster_spec(
+            self.name, image=self.image(env), n_workers=request.min_workers,
+            env=forwarded_environment(k8s.forward_env, env),
+            scheduler_service_type=k8s.scheduler_service_type,
+            idle_timeout=int(self.idle_timeout))
+        labels = {USER_LABEL: self.identity.user, "dask.org/cluster-name": self.name}
+        cluster["metadata"].update(namespace=k8s.namespace, labels=labels)
+        if owner_pod is not None:
+            cluster["metadata"]["ownerReferences"] = [{
+                "apiVersion": "v1", "kind": "Pod", "name": owner_pod[0], "uid": owner_pod[1],
+                "blockOwnerDeletion": False}]
+        spec = cluster["spec"]
+        scheduler = spec["scheduler"]["spec"]
+        scheduler["containers"][0]["args"] = ["dask", "scheduler", "--host", "0.0.0.0",
+                                              *_tls_args("scheduler")]
+        scheduler["containers"][0]["resources"] = {"requests": {"cpu": "1", "memory": "2Gi"},
+                                                   "limits": {"memory": "2Gi"}}
+        worker = spec["worker"]["spec"]
+        worker["containers"][0]["args"] = [
+            "dask", "worker", "--name", "$(DASK_WORKER_NAME)", "--nthreads", str(request.threads),
+            "--memory-limit", str(request.memory), "--dashboard", "--dashboard-address", "8788",
+            *_tls_args("worker")]
+        worker["containers"][0]["resources"] = resources
+        if request.gpus:
+            worker["containers"][0]["args"] += ["--resources", f"GPU={request.gpus}"]
+            if k8s.gpu_node_selector:
+                worker["nodeSelector"] = dict(k8s.gpu_node_selector)
+            if k8s.gpu_tolerations:
+                worker["tolerations"] = [dict(t) for t in k8s.gpu_tolerations]
+        for pod in (scheduler, worker):
+            _mount_tls(pod, secret)
+        spec["scheduler"]["service"]["selector"] = {"dask.org/cluster-name": self.name,
+                                                     "dask.org/component": "scheduler"}
+        return [self._secret(secret, labels), cluster, {
+            "apiVersion": "kubernetes.dask.org/v1", "kind": "DaskAutoscaler",
+            "metadata": {"name": self.name, "namespace": k8s.namespace, "labels": labels},
+            "spec": {"cluster": self.name, "minimum": request.min_workers,
+                     "maximum": request.max_workers}}]
+
+    def _secret(self, name: str, labels: dict[str, str]) -> dict[str, Any]:
+        if not (self.folder / FILES["key"]).exists():
+            create_credentials(self.folder)
+        data = {key: base64.b64encode(value.encode()).decode()
+                for key, value in pem_contents(self.folder).items()}
+        return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "data": data,
+                "metadata": {"name": name, "namespace": self.config.cluster.kubernetes.namespace,
+                             "labels": labels}}
+
+    # -- talking to the API server (needs a cluster) -------------------------------------------
+
+    def _api(self) -> Any:
+        import kr8s
+
+        return kr8s.api(namespace=self.config.cluster.kubernetes.namespace)
+
+    def _owner_pod(self) -> tuple[str, str] | None:
+        from kr8s.objects import Pod
+
+        name = os.environ.get("HOSTNAME")
+        if not name:
+            return None
+        try:
+            pod = Pod.get(name, namespace=self.config.cluster.kubernetes.namespace, api=self._api())
+        except Exception:
+            return None
+        return pod.name, pod.metadata.uid
+
+    def start(self) -> ClusterInfo:
+        from kr8s.objects import object_from_spec
+
+        running = self.running()
+        if running is not None:
+            return running
+        api = self._api()
+        for manifest in self.manifests(owner_pod=self._owner_pod()):
+            object_from_spec(manifest, api=api, allow_unknown_type=True).create()
+        deadline = time.monotonic() + self.config.cluster.worker_start_timeout
+        while time.monotonic() < deadline:
+            info = self.running()
+            if info is not None:
+                return info
+            time.sleep(1)
+        raise ClusterError(f"cluster {self.name!r}: scheduler not running after "
+                           f"{self.config.cluster.worker_start_timeout:.0f} s: "
+                           + "; ".join(explain_pods(*self._pods_and_events())))
+
+    def running(self) -> ClusterInfo | None:
+        import kr8s
+
+        try:
+            found = list(kr8s.get("daskclusters", self.name, api=self._api()))
+        except Exception:
+            return None
+        if not found or found[0].raw.get("status", {}).get("phase") != "Running":
+            return None
+        host = f"{self.name}-scheduler.{self.config.cluster.kubernetes.namespace}"
+        return ClusterInfo(self.name, self.backend_name, f"tls://{host}:{SCHEDULER_PORT}", host,
+                           DASHBOARD_PORT, self.identity.user, None, self.request.notes)
+
+    def stop(self) -> bool:
+        import kr8s
+
+        api, stopped = self._api(), False
+        for kind, name in (("daskclusters", self.name), ("secrets", f"{self.name}-tls")):
+            for obj in kr8s.get(kind, name, api=api):
+                obj.delete()
+                stopped = True
+        return stopped
+
+    def adapt(self, client: Any, minimum: int, maximum: int) -> dict:
+        import kr8s
+
+        for autoscaler in kr8s.get("daskautoscalers", self.name, api=self._api()):
+            autoscaler.patch({"spec": {"minimum": minimum, "maximum": maximum}})
+            return {"minimum": minimum, "maximum": maximum}
+        raise ClusterError(f"cluster {self.name!r} has no autoscaler; is it running?")
+
+    def scale(self, client: Any, n: int) -> dict:
+        import kr8s
+
+        api = self._api()
+        for autoscaler in kr8s.get("daskautoscalers", self.name, api=api):
+            autoscaler.delete()
+        for group in kr8s.get("daskworkergroups", f"{self.name}-default", api=api):
+            group.patch({"spec": {"worker": {"replicas": n}}})
+        return {"workers": n}
+
+    def _pods_and_events(self) -> tuple[list[dict], list[dict]]:
+        import kr8s
+
+        api = self._api()
+        pods = [p.raw for p in kr8s.get("pods", api=api,
+                                        label_selector={"dask.org/cluster-name": self.name})]
+        events = [e.raw for e in kr8s.get("events", api=api)]
+        return pods, events
+
+    def explain(self, client: Any) -> list[str]:
+        return super().explain(client) + explain_pods(*self._pods_and_events())
+
+
+def explain_pods(pods: list[dict], events: list[dict]) -> list[str]:
+    """Why pods of a cluster are not running: pending reasons, image pulls, scheduler events."""
+    reasons = []
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        status = pod.get("status", {})
+        if status.get("phase") == "Running":
+            continue
+        for container in status.get("containerStatuses", []):
+            waiting = container.get("state", {}).get("waiting")
+            if waiting:
+                reasons.append(f"pod {name}: {waiting.get('reason')}: {waiting.get('message', '')}"
+                               .rstrip(": "))
+        for condition in status.get("conditions", []):
+            if condition.get("status") == "False" and condition.get("reason"):
+                reasons.append(f"pod {name}: {condition['reason']}: {condition.get('message', '')}"
+                               .rstrip(": "))
+        for event in events:
+            if event.get("involvedObject", {}).get("name") == name and event.get("type") == "Warning":
+                reasons.append(f"pod {name}: event {event.get('reason')}: {event.get('message')}")
+        if not any(r.startswith(f"pod {name}:") for r in reasons):
+            reasons.append(f"pod {name}: {status.get('phase', 'Unknown')}")
+    return reasons

@@ -1,0 +1,307 @@
+"""Clusters from a notebook: connect, resize, limits, lifetime, isolation, versions, Kubernetes shape."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from distributed import Client
+
+from facility.cluster.base import ClusterError, ClusterInfo, backend_name
+from facility.cluster.connect import FacilityCluster, connect
+from facility.cluster.limits import Identity, LimitError, WorkerRequest, clamp, limits_for
+from facility.cluster.local import local_gpus
+from facility.cluster.versions import VersionMismatch, check_versions
+from facility.config import FacilityConfig, Limits
+
+pytestmark = pytest.mark.integration
+PEER = "facility-peer"
+
+
+def _handle(client: Client) -> FacilityCluster:
+    assert isinstance(client.cluster, FacilityCluster)
+    return client.cluster
+
+
+@pytest.fixture
+def cluster(facility_config: FacilityConfig) -> Iterator[Client]:
+    client = connect("t", min_workers=1, max_workers=1, config=facility_config)
+    yield client
+    _handle(client).close()
+
+
+def _wait(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def _workers(client: Client) -> int:
+    return len(client.scheduler_info(n_workers=-1)["workers"])
+
+
+def test_connect_runs_work_and_adapts_up_and_down(cluster: Client) -> None:
+    handle = _handle(cluster)
+    assert handle.scheduler_address.startswith("tls://")
+    assert cluster.submit(sum, [1, 2, 3]).result() == 6
+    assert handle.adapt(1, 3) == {"minimum": 1, "maximum": 3}
+    futures = cluster.map(time.sleep, [0.5] * 40, pure=False)
+    _wait(lambda: _workers(cluster) == 3, 60, "adaptive scale-up to 3 workers")
+    cluster.gather(futures)
+    del futures
+    _wait(lambda: _workers(cluster) == 1, 60, "adaptive scale-down to 1 worker")
+    assert handle.scale(2) == {"workers": 2}
+    _wait(lambda: _workers(cluster) == 2, 60, "fixed scale to 2 workers")
+
+
+def test_dashboard_link_from_terminal_and_behind_the_hub(cluster: Client) -> None:
+    handle = _handle(cluster)
+    link = handle.dashboard_link
+    assert link is not None
+    assert link.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(link, timeout=10) as response:
+        assert response.status == 200
+    info = handle.info
+    behind_hub = info.dashboard_link({"JUPYTERHUB_SERVICE_PREFIX": "/user/alice/"})
+    assert behind_hub == f"/user/alice/proxy/{info.dashboard_port}/status"
+    remote = ClusterInfo("x", "kubernetes", "tls://s:8786", "alice-x-scheduler.ns", 8787, "alice")
+    assert remote.dashboard_link({"JUPYTERHUB_SERVICE_PREFIX": "/user/alice/"}) == \
+        "/user/alice/proxy/alice-x-scheduler.ns:8787/status"
+
+
+def test_request_above_a_group_limit_is_clamped_naming_it(
+        facility_config: FacilityConfig, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    config = facility_config.model_copy(deep=True)
+    config.cluster.limits.groups = {"cms": Limits(cores=2, workers=10)}
+    monkeypatch.setenv("FACILITY_GROUPS", "cms,atlas")
+    client = connect("clamped", min_workers=1, max_workers=5, config=config)
+    try:
+        handle = _handle(client)
+        assert "max workers 5 -> 2: VO group 'cms' allows cores=2" in capsys.readouterr().err
+        assert "limit: max workers 5 -> 2" in handle.explain()
+        handle.adapt(1, 8)
+        assert "max workers 8 -> 2" in capsys.readouterr().err
+    finally:
+        _handle(client).close()
+
+
+def test_limits_prefer_the_user_then_the_most_generous_group(
+        facility_config: FacilityConfig) -> None:
+    config = facility_config.model_copy(deep=True)
+    config.cluster.limits.groups = {"small": Limits(cores=2), "big": Limits(cores=64)}
+    config.cluster.limits.users = {"bob": Limits(workers=1)}
+    assert limits_for(config, Identity("alice", ("small", "big"))) == (Limits(cores=64), "VO group 'big'")
+    assert limits_for(config, Identity("bob", ("big",)))[1] == "user 'bob'"
+    assert limits_for(config, Identity("carol"))[1] == "the default limits"
+    request = WorkerRequest(1, 4, threads=2, memory=8 * 2**30, gpus=2)
+    granted = clamp(request, Limits(memory="20GiB", gpus=1), "VO group 'x'")
+    assert (granted.max_workers, granted.gpus) == (1, 1)
+    assert granted.notes == (
+        "gpus per worker 2 -> 1: VO group 'x' allows 1 GPUs",
+        "max workers 4 -> 2: VO group 'x' allows memory=20GiB (8.00 GiB per worker)",
+        "max workers 2 -> 1: VO group 'x' allows gpus=1 (1 GPUs per worker)")
+    with pytest.raises(LimitError, match="VO group 'x' leaves no room"):
+        clamp(request, Limits(memory="4GiB"), "VO group 'x'")
+
+
+def test_gpu_workers_are_refused_without_a_gpu(facility_config: FacilityConfig) -> None:
+    with pytest.raises(ClusterError, match=rf"GPU\(s\) per worker asked for, but this machine has "
+                                           rf"{local_gpus()}"):
+        connect("gpu", gpus=local_gpus() + 1, config=facility_config)
+
+
+def test_idle_cluster_stops_by_itself(facility_config: FacilityConfig) -> None:
+    client = connect("idle", workers=1, idle_timeout=2, config=facility_config)
+    handle = _handle(client)
+    client.close()
+    _wait(lambda: handle.backend.running() is None, 60, "idle cluster to stop")
+    assert not (handle.backend.folder / "record.json").exists()
+
+
+def _script_env(config: FacilityConfig, **extra: str) -> dict[str, str]:
+    return {**os.environ, "FACILITY_CONFIG": str(config.home / "facility.yaml"), **extra}
+
+
+OWNER_SCRIPT = """
+import json, os, sys, time
+import facility
+client = facility.connect("owned", workers=2)
+pids = list(client.run(os.getpid).values()) + list(client.run(os.getppid).values())
+record = client.cluster.backend.folder / "record.json"
+print(json.dumps({"pids": pids, "folder": str(client.cluster.backend.folder)}), flush=True)
+time.sleep(600)
+"""
+
+
+def test_cluster_dies_with_its_killed_owner(facility_config: FacilityConfig) -> None:
+    owner = subprocess.Popen([sys.executable, "-c", OWNER_SCRIPT], stdout=subprocess.PIPE,
+                             text=True, env=_script_env(facility_config))
+    assert owner.stdout is not None
+    line = owner.stdout.readline()
+    assert line, "the owner process did not report its cluster"
+    report = json.loads(line)
+    service = json.loads((Path(report["folder"]) / "spec.json").read_text())
+    supervisor_record = facility_config.state_path / "run" / f"dask-{service['name']}.json"
+    cluster_pid = json.loads(supervisor_record.read_text())["pid"]
+    cluster_process = psutil.Process(cluster_pid)
+    processes = [cluster_process, *cluster_process.children(recursive=True)]
+    assert set(report["pids"]) <= {p.pid for p in processes}  # nannies run in the cluster process
+    assert len({p.pid for p in processes} - {cluster_pid}) >= 2
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.wait()
+    _gone, alive = psutil.wait_procs(processes, timeout=60)
+    assert alive == []
+    assert not (Path(report["folder"]) / "record.json").exists()
+
+
+def _peer_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(PEER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        PEER], check=True)
+        return pwd.getpwnam(PEER)
+
+
+PEER_SCRIPT = """
+import json, socket, ssl, sys
+host, port, key = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+result = {}
+try:
+    open(key).read()
+    result["read_key"] = "read"
+except PermissionError:
+    result["read_key"] = "denied"
+
+def attempt(wrap):
+    try:
+        with socket.create_connection((host, port), timeout=10) as raw, wrap(raw) as conn:
+            conn.sendall(b"\\x00" * 64)
+            return "answered" if conn.recv(1024) else "refused: closed"
+    except (OSError, ssl.SSLError) as exc:
+        return "refused: " + type(exc).__name__
+
+context = ssl.create_default_context()
+context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+result["plain"] = attempt(lambda raw: raw)
+result["tls_without_cluster_cert"] = attempt(context.wrap_socket)
+print(json.dumps(result))
+"""
+
+# The system interpreter: the other account cannot run (or read) the project's own one.
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def test_another_users_process_is_refused(cluster: Client) -> None:
+    peer = _peer_user()
+    handle = _handle(cluster)
+    host, port = handle.scheduler_address.removeprefix("tls://").rsplit(":", 1)
+
+    def become_peer() -> None:
+        os.setgid(peer.pw_gid)
+        os.setuid(peer.pw_uid)
+
+    done = subprocess.run([SYSTEM_PYTHON, "-c", PEER_SCRIPT, host, port,
+                           str(handle.backend.folder / "key.pem")],
+                          capture_output=True, text=True, timeout=120, preexec_fn=become_peer,
+                          env={"HOME": "/tmp", "PATH": "/usr/bin:/bin"}, cwd="/tmp")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"read_key": "denied", "plain": result["plain"],
+                      "tls_without_cluster_cert": result["tls_without_cluster_cert"]}
+    assert result["plain"].startswith("refused")
+    assert result["tls_without_cluster_cert"].startswith("refused")
+    assert cluster.submit(sum, [1, 2]).result() == 3  # the owner still works
+
+
+def test_a_dask_client_without_the_clusters_credentials_is_refused(cluster: Client) -> None:
+    from distributed.security import Security
+
+    address = _handle(cluster).scheduler_address
+    for target, security in ((address, Security.temporary()),
+                             (address.replace("tls://", "tcp://"), None)):
+        with pytest.raises((OSError, TimeoutError)):
+            Client(target, security=security, timeout=5, set_as_default=False)
+
+
+ATTACH_SCRIPT = """
+import sys
+import facility
+from facility.cluster.versions import VersionMismatch, check_versions
+try:
+    facility.connect("t")
+except VersionMismatch as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def test_attaching_with_other_versions_lists_the_mismatches(
+        cluster: Client, facility_config: FacilityConfig, tmp_path: Path) -> None:
+    fake = tmp_path / "site" / "hist-0.0.1.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: hist\nVersion: 0.0.1\n")
+    done = subprocess.run([sys.executable, "-c", ATTACH_SCRIPT], capture_output=True, text=True,
+                          timeout=120, env=_script_env(facility_config,
+                                                       PYTHONPATH=str(tmp_path / "site")))
+    assert done.returncode == 3, done.stderr
+    from importlib.metadata import version
+
+    assert f"hist: client 0.0.1, scheduler {version('hist')}, worker tls://" in done.stderr
+    assert "coffea" not in done.stderr
+    with pytest.raises(VersionMismatch, match=r"hist: client 2\.9, scheduler 2\.9, worker tls://w 2\.8"):
+        check_versions(_FakeVersions(), "x")
+
+
+class _FakeVersions:
+    """A client whose worker reports an older hist (the real path is the subprocess above)."""
+
+    def get_versions(self, check: bool, packages: list[str]) -> dict:
+        return {"client": {"packages": {"hist": "2.9"}}, "scheduler": {"packages": {"hist": "2.9"}},
+                "workers": {"tls://w": {"packages": {"hist": "2.8"}}}}
+
+
+def test_backend_auto_selection(facility_config: FacilityConfig) -> None:
+    config = facility_config.model_copy(deep=True)
+    config.cluster.backend = "auto"
+    pod = {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    assert backend_name(config, {}) == "local"
+    assert backend_name(config, pod) == "local"  # no operator configured
+    config.cluster.kubernetes.operator = True
+    assert backend_name(config, pod) == "kubernetes"
+    assert backend_name(config, {}) == "local"
+    config.cluster.backend = "local"
+    assert backend_name(config, pod) == "local"
+
+
+def test_clusters_command_lists_and_stops(facility_config: FacilityConfig,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from facility.cli import main
+
+    client = connect("listed", workers=1, config=facility_config)
+    name = _handle(client).name
+    client.close()
+    config_arg = ["--config", str(facility_config.home / "facility.yaml")]
+    assert main([*config_arg, "clusters"]) == 0
+    listing = capsys.readouterr().out
+    assert name in listing
+    assert "running" in listing
+    assert main([*config_arg, "clusters", "stop", "nosuch"]) == 2
+    assert "no cluster named nosuch" in capsys.readouterr().err
+    assert main([*config_arg, "clusters", "stop", name]) == 0
+    assert f"stopped: {name}" in capsys.readouterr().out
+    assert _handle(client).backend.running() is None

@@ -1,0 +1,154 @@
+"""The kubernetes backend without a cluster: what it would apply, validated against the schemas.
+
+The DaskCluster and DaskAutoscaler are checked against the CRD schemas shipped in the installed
+dask_kubernetes package; the Secret, the pods and the scheduler Service against the Kubernetes
+object schemas (kubernetes-validate).
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import dask_kubernetes
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from facility.cluster.kubernetes import KubernetesBackend, explain_pods
+from facility.cluster.limits import Identity, WorkerRequest
+from facility.config import FacilityConfig, load_config
+
+CRDS = Path(dask_kubernetes.__file__).parent / "operator" / "deployment" / "helm" / \
+    "dask-kubernetes-operator" / "crds"
+K8S_VERSION = "1.37.0"
+NOTEBOOK_ENV = {"JUPYTER_IMAGE_SPEC": "registry.example/facility-notebook:2026.11",
+                "FACILITY_CATALOG": "/data/catalog.yaml", "X509_USER_PROXY": "/tmp/x509up_u1000",
+                "BEARER_TOKEN_FILE": "/tmp/bt", "JUPYTERHUB_USER": "alice", "HOME": "/home/alice",
+                "JUPYTERHUB_API_TOKEN": "secret-not-forwarded"}
+
+
+def crd_schema(kind: str) -> dict[str, Any]:
+    crd = yaml.safe_load((CRDS / f"{kind.lower()}.yaml").read_text())
+    [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> FacilityConfig:
+    (tmp_path / "facility.yaml").write_text("""
+home: .
+cluster:
+  backend: kubernetes
+  kubernetes:
+    operator: true
+    namespace: analysis
+    gpu_node_selector: {nvidia.com/gpu.present: "true"}
+    gpu_tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
+""")
+    return load_config(tmp_path / "facility.yaml", environ={})
+
+
+def render(config: FacilityConfig, gpus: int = 0) -> dict[str, dict[str, Any]]:
+    request = WorkerRequest(1, 6, threads=2, memory=8 * 2**30, gpus=gpus)
+    backend = KubernetesBackend(config, "alice-zpeak", request=request,
+                                identity=Identity("alice", ("cms",)), idle_timeout=900)
+    manifests = backend.manifests(environ=NOTEBOOK_ENV, owner_pod=("jupyter-alice", "0f0e-uid"))
+    return {m["kind"]: m for m in manifests}
+
+
+def validate_k8s(obj: dict[str, Any]) -> None:
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def pod(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_manifests_validate_against_crds_and_kubernetes_schemas(config: FacilityConfig,
+                                                                gpus: int) -> None:
+    objects = render(config, gpus)
+    assert list(objects) == ["Secret", "DaskCluster", "DaskAutoscaler"]
+    jsonschema.validate(objects["DaskCluster"], crd_schema("DaskCluster"))
+    jsonschema.validate(objects["DaskAutoscaler"], crd_schema("DaskAutoscaler"))
+    validate_k8s(objects["Secret"])
+    spec = objects["DaskCluster"]["spec"]
+    validate_k8s(pod(spec["scheduler"]["spec"], "scheduler"))
+    validate_k8s(pod(spec["worker"]["spec"], "worker"))
+    validate_k8s({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "scheduler"},
+                  "spec": spec["scheduler"]["service"]})
+
+
+def test_the_validation_catches_a_wrong_manifest(config: FacilityConfig) -> None:
+    objects = render(config)
+    objects["DaskAutoscaler"]["spec"]["minimum"] = "one"
+    with pytest.raises(jsonschema.ValidationError, match="'one' is not of type 'integer'"):
+        jsonschema.validate(objects["DaskAutoscaler"], crd_schema("DaskAutoscaler"))
+    worker = objects["DaskCluster"]["spec"]["worker"]["spec"]
+    worker["containers"][0]["resourcez"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_k8s(pod(worker, "worker"))
+
+
+def test_workers_run_the_notebook_image_with_its_environment_and_tls(config: FacilityConfig) -> None:
+    objects = render(config)
+    cluster = objects["DaskCluster"]
+    assert cluster["metadata"]["namespace"] == "analysis"
+    assert cluster["metadata"]["labels"]["facility.dev/user"] == "alice"
+    assert cluster["metadata"]["ownerReferences"][0]["name"] == "jupyter-alice"
+    assert cluster["spec"]["idleTimeout"] == 900
+    worker = cluster["spec"]["worker"]["spec"]
+    container = worker["containers"][0]
+    assert container["image"] == NOTEBOOK_ENV["JUPYTER_IMAGE_SPEC"]
+    forwarded = {e["name"] for e in container["env"]}
+    assert forwarded == {"FACILITY_CATALOG", "X509_USER_PROXY", "BEARER_TOKEN_FILE", "JUPYTERHUB_USER"}
+    assert container["resources"]["limits"] == {"cpu": "2", "memory": str(8 * 2**30)}
+    assert "--tls-ca-file" in container["args"]
+    assert "nodeSelector" not in worker
+    scheduler = cluster["spec"]["scheduler"]["spec"]["containers"][0]
+    assert scheduler["args"][-2:] == ["--protocol", "tls"]
+    secret = objects["Secret"]
+    assert base64.b64decode(secret["data"]["key.pem"]).startswith(b"-----BEGIN PRIVATE KEY")
+    assert objects["DaskAutoscaler"]["spec"] == {"cluster": "alice-zpeak", "minimum": 1, "maximum": 6}
+
+
+def test_gpu_workers_ask_for_gpus_on_gpu_nodes(config: FacilityConfig) -> None:
+    worker = render(config, gpus=1)["DaskCluster"]["spec"]["worker"]["spec"]
+    assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert worker["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert worker["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert worker["containers"][0]["args"][-2:] == ["--resources", "GPU=1"]
+
+
+def test_a_notebook_without_an_image_is_told_what_to_set(config: FacilityConfig) -> None:
+    from facility.cluster.base import ClusterError
+
+    backend = KubernetesBackend(config, "alice-x", identity=Identity("alice"))
+    with pytest.raises(ClusterError, match=r"set cluster\.kubernetes\.image or start from a notebook"):
+        backend.manifests(environ={})
+
+
+def test_explain_pending_pods_with_their_events() -> None:
+    pods = [
+        {"metadata": {"name": "alice-zpeak-default-worker-1"}, "status": {
+            "phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                                "reason": "Unschedulable",
+                                                "message": "0/12 nodes are available: 12 Insufficient memory."}]}},
+        {"metadata": {"name": "alice-zpeak-default-worker-2"}, "status": {
+            "phase": "Pending", "containerStatuses": [{"state": {"waiting": {
+                "reason": "ImagePullBackOff", "message": 'Back-off pulling image "registry.example/x"'}}}]}},
+        {"metadata": {"name": "alice-zpeak-scheduler"}, "status": {"phase": "Running"}},
+    ]
+    events = [{"type": "Warning", "reason": "FailedScheduling", "message": "Insufficient memory",
+               "involvedObject": {"name": "alice-zpeak-default-worker-1"}},
+              {"type": "Normal", "reason": "Pulling", "message": "pulling",
+               "involvedObject": {"name": "alice-zpeak-default-worker-2"}}]
+    reasons = explain_pods(pods, events)
+    assert reasons == [
+        "pod alice-zpeak-default-worker-1: Unschedulable: 0/12 nodes are available: 12 Insufficient memory.",
+        "pod alice-zpeak-default-worker-1: event FailedScheduling: Insufficient memory",
+        'pod alice-zpeak-default-worker-2: ImagePullBackOff: Back-off pulling image "registry.example/x"',
+    ]
