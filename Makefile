@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PACKAGES := xrootd-server xrootd-client
+# python3-minimal and passwd: a second local account (useradd) runs the system python in the
+# isolation test, since it may not read the project interpreter
+APT_PACKAGES := xrootd-server xrootd-client python3-minimal passwd
 
 .PHONY: setup system-deps demo test lint typecheck unit down clean
 

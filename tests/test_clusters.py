@@ -125,9 +125,11 @@ def test_gpu_workers_are_refused_without_a_gpu(facility_config: FacilityConfig) 
 
 
 def test_idle_cluster_stops_by_itself(facility_config: FacilityConfig) -> None:
-    client = connect("idle", workers=1, idle_timeout=2, config=facility_config)
+    client = connect("idle", workers=1, idle_timeout=8, config=facility_config)
     handle = _handle(client)
+    assert client.submit(sum, [1, 1]).result() == 2
     client.close()
+    assert handle.backend.running() is not None
     _wait(lambda: handle.backend.running() is None, 60, "idle cluster to stop")
     assert not (handle.backend.folder / "record.json").exists()
 
@@ -305,3 +307,46 @@ def test_clusters_command_lists_and_stops(facility_config: FacilityConfig,
     assert main([*config_arg, "clusters", "stop", name]) == 0
     assert f"stopped: {name}" in capsys.readouterr().out
     assert _handle(client).backend.running() is None
+
+
+def test_lab_sidebar_creates_scales_and_stops_a_facility_cluster(
+        facility_config: FacilityConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import dask
+    from dask_labextension.manager import make_cluster, make_cluster_model
+
+    from facility.cluster.lab import LABEXTENSION_ENV, LabCluster
+
+    for key, value in {**LABEXTENSION_ENV,
+                       "FACILITY_CONFIG": str(facility_config.home / "facility.yaml")}.items():
+        monkeypatch.setenv(key, value)
+    dask.config.refresh()
+
+    async def sidebar() -> tuple[dict, dict, dict, bool]:
+        cluster, _ = await make_cluster({"workers": 1})
+        assert isinstance(cluster, LabCluster)
+        deadline = time.monotonic() + 60
+        while len(cluster.scheduler_info["workers"]) < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+        first = make_cluster_model("id", "lab", cluster, None)
+        await cluster.scale(2)
+        while len(cluster.scheduler_info["workers"]) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+        second = make_cluster_model("id", "lab", cluster, None)
+        adaptive = make_cluster_model("id", "lab", cluster, cluster.adapt(minimum=1, maximum=2))
+        assert cluster.resizing is not None
+        await cluster.resizing
+        backend = cluster.backend
+        await cluster.close()
+        return first, second, adaptive, backend is not None and backend.running() is None
+
+    try:
+        first, second, adaptive, stopped = asyncio.run(sidebar())
+    finally:
+        dask.config.refresh()
+    assert first["scheduler_address"].startswith("tls://")
+    assert first["dashboard_link"].startswith("http://127.0.0.1:")
+    assert (first["workers"], second["workers"]) == (1, 2)
+    assert adaptive["adapt"] == {"minimum": 1, "maximum": 2}
+    assert stopped

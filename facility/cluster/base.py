@@ -8,6 +8,7 @@ which one runs.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -99,6 +100,15 @@ class ClusterBackend(ABC):
     @abstractmethod
     def scale(self, client: Client, n: int) -> dict:
         """Hold ``n`` workers (no more adapting)."""
+
+    async def adapt_async(self, client: Client, minimum: int, maximum: int) -> dict:
+        """:meth:`adapt` from an event loop (the notebook server's) without blocking it."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.adapt, client, minimum, maximum)
+
+    async def scale_async(self, client: Client, n: int) -> dict:
+        """:meth:`scale` from an event loop without blocking it."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.scale, client, n)
 
     @property
     @abstractmethod

@@ -115,6 +115,18 @@ def _report(notes: tuple[str, ...]) -> None:
         print(f"facility: request clamped: {note}", file=sys.stderr)
 
 
+def user_backend(config: FacilityConfig, name: str | None, asked: dict[str, Any],
+                 idle_timeout: float | None = None) -> ClusterBackend:
+    """The backend of the current user's cluster ``name``, sized within their limits and
+    owned by this process."""
+    who = Identity.current()
+    limits, source = limits_for(config, who)
+    request = clamp(WorkerRequest.from_config(config, **asked), limits, source)
+    _report(request.notes)
+    return backend_for(config, cluster_name(who, name), request=request,
+                       owner=Owner.this_process(), identity=who, idle_timeout=idle_timeout)
+
+
 def connect(name: str | None = None, *, workers: int | None = None,
             min_workers: int | None = None, max_workers: int | None = None,
             threads: int | None = None, memory: str | None = None, gpus: int | None = None,
@@ -122,23 +134,18 @@ def connect(name: str | None = None, *, workers: int | None = None,
             config: FacilityConfig | None = None) -> Client:
     """A client on the user's cluster ``name`` (created if needed, owned by this process)."""
     config = config or load_config()
-    who = Identity.current()
     if workers is not None:
         min_workers = max_workers = workers
-    asked: dict[str, Any] = {"min_workers": min_workers, "max_workers": max_workers,
-                             "threads": threads, "memory": memory, "gpus": gpus}
-    limits, source = limits_for(config, who)
-    request = clamp(WorkerRequest.from_config(config, **asked), limits, source)
-    _report(request.notes)
-    backend = backend_for(config, cluster_name(who, name), request=request,
-                          owner=Owner.this_process(), identity=who, idle_timeout=idle_timeout)
+    backend = user_backend(config, name, {"min_workers": min_workers, "max_workers": max_workers,
+                                          "threads": threads, "memory": memory, "gpus": gpus},
+                           idle_timeout)
     handle = FacilityCluster(backend, backend.start())
     client = Client(handle, security=handle.security, set_as_default=True, timeout=30)
     handle.client = client
     try:
         check_versions(client, handle.name)
-        if wait and request.min_workers:
-            backend.wait_for_workers(client, request.min_workers)
+        if wait and backend.request.min_workers:
+            backend.wait_for_workers(client, backend.request.min_workers)
     except BaseException:
         client.close()
         raise

@@ -139,6 +139,12 @@ class LocalBackend(ClusterBackend):
     def scale(self, client: Any, n: int) -> dict:
         return client.sync(client.scheduler.facility_scale, n=n)
 
+    async def adapt_async(self, client: Any, minimum: int, maximum: int) -> dict:
+        return await client.scheduler.facility_adapt(minimum=minimum, maximum=maximum)
+
+    async def scale_async(self, client: Any, n: int) -> dict:
+        return await client.scheduler.facility_scale(n=n)
+
     def explain(self, client: Any) -> list[str]:
         reasons = super().explain(client)
         workers = len(client.scheduler_info(n_workers=-1)["workers"])
