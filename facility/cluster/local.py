@@ -88,7 +88,7 @@ class LocalBackend(ClusterBackend):
                 f"machine has {local_gpus()}; ask for gpus=0 here, or use a GPU environment")
 
     def start(self) -> ClusterInfo:
-        running = self.running()
+        running = self.running() or self._starting_elsewhere()
         if running is not None:
             return running
         self.check_request()
@@ -107,6 +107,21 @@ class LocalBackend(ClusterBackend):
         if info is None:
             raise ClusterError(f"cluster {self.name!r} started but wrote no address")
         return info
+
+    def _starting_elsewhere(self) -> ClusterInfo | None:
+        """A cluster process without a record: another command is starting it (wait for it),
+        or it was left by an older facility without this folder (replace it)."""
+        supervisor = Supervisor(self.config.state_path)
+        if supervisor.process(self.service_name) is None:
+            return None
+        if (self.folder / "spec.json").exists():
+            deadline = time.monotonic() + self.config.cluster.worker_start_timeout
+            while time.monotonic() < deadline and supervisor.process(self.service_name):
+                if (info := self.running()) is not None:
+                    return info
+                time.sleep(0.2)
+        supervisor.stop(self.service_name)
+        return None
 
     def _record(self) -> dict | None:
         if Supervisor(self.config.state_path).process(self.service_name) is None:
