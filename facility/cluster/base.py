@@ -12,6 +12,7 @@ import asyncio
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -19,9 +20,18 @@ from distributed import Client
 from distributed.security import Security
 
 from facility.cluster.limits import Identity, WorkerRequest
+from facility.cluster.security import security_from
 from facility.config import FacilityConfig
 
 PROXY_PREFIX_ENV = "JUPYTERHUB_SERVICE_PREFIX"
+
+
+def clusters_path(config: FacilityConfig) -> Path:
+    return config.state_path / "clusters"
+
+
+def cluster_folder(config: FacilityConfig, name: str) -> Path:
+    return clusters_path(config) / name
 
 
 class ClusterError(RuntimeError):
@@ -111,9 +121,14 @@ class ClusterBackend(ABC):
         return await asyncio.get_running_loop().run_in_executor(None, self.scale, client, n)
 
     @property
-    @abstractmethod
+    def folder(self) -> Path:
+        """Where this cluster's private files live (credentials, spec, record)."""
+        return cluster_folder(self.config, self.name)
+
+    @property
     def security(self) -> Security:
         """The credentials a client of this cluster presents."""
+        return security_from(self.folder)
 
     def client(self, timeout: float = 30.0) -> Client:
         """A client connected to the (started) cluster."""

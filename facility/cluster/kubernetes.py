@@ -21,15 +21,12 @@ import base64
 import fnmatch
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from dask_kubernetes.operator.kubecluster.kubecluster import make_cluster_spec
-from distributed.security import Security
 
 from facility.cluster.base import ClusterBackend, ClusterError, ClusterInfo
-from facility.cluster.local import cluster_folder
-from facility.cluster.security import FILES, create_credentials, pem_contents, security_from
+from facility.cluster.security import FILES, create_credentials, pem_contents
 
 IMAGE_ENV = "JUPYTER_IMAGE_SPEC"
 TLS_MOUNT = "/etc/facility/tls"
@@ -62,14 +59,6 @@ class KubernetesBackend(ClusterBackend):
     """A DaskCluster managed by the dask-kubernetes operator in the user's namespace."""
 
     backend_name = "kubernetes"
-
-    @property
-    def folder(self) -> Path:
-        return cluster_folder(self.config, self.name)
-
-    @property
-    def security(self) -> Security:
-        return security_from(self.folder)
 
     def image(self, environ: dict[str, str]) -> str:
         image = self.config.cluster.kubernetes.image or environ.get(IMAGE_ENV)

@@ -31,21 +31,13 @@ from dask.utils import format_bytes
 from distributed import Nanny, Scheduler, SpecCluster
 from distributed.security import Security
 
-from facility.cluster.base import ClusterBackend, ClusterError, ClusterInfo
+from facility.cluster.base import ClusterBackend, ClusterError, ClusterInfo, clusters_path
 from facility.cluster.limits import Identity, WorkerRequest
 from facility.cluster.security import create_credentials, security_from
 from facility.config import FacilityConfig
 from facility.embedded.services import Service, ServiceError, Supervisor, tail
 
 OWNER_POLL_SECONDS = 0.5
-
-
-def clusters_path(config: FacilityConfig) -> Path:
-    return config.state_path / "clusters"
-
-
-def cluster_folder(config: FacilityConfig, name: str) -> Path:
-    return clusters_path(config) / name
 
 
 def local_gpus() -> int:
@@ -63,10 +55,6 @@ class LocalBackend(ClusterBackend):
     """Scheduler and workers as separate local processes, adaptive between min and max."""
 
     backend_name = "local"
-
-    @property
-    def folder(self) -> Path:
-        return cluster_folder(self.config, self.name)
 
     @property
     def service_name(self) -> str:
@@ -143,10 +131,6 @@ class LocalBackend(ClusterBackend):
         stopped = Supervisor(self.config.state_path).stop(self.service_name)
         shutil.rmtree(self.folder, ignore_errors=True)
         return stopped
-
-    @property
-    def security(self) -> Security:
-        return security_from(self.folder)
 
     def adapt(self, client: Any, minimum: int, maximum: int) -> dict:
         return client.sync(client.scheduler.facility_adapt, minimum=minimum, maximum=maximum)
