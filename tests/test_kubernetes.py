@@ -52,11 +52,18 @@ cluster:
 
 
 def render(config: FacilityConfig, gpus: int = 0) -> dict[str, dict[str, Any]]:
+    """The manifests by kind; the credentials Secret as ``Secret/credentials``."""
     request = WorkerRequest(1, 6, threads=2, memory=8 * 2**30, gpus=gpus)
     backend = KubernetesBackend(config, "alice-zpeak", request=request,
                                 identity=Identity("alice", ("cms",)), idle_timeout=900)
-    manifests = backend.manifests(environ=NOTEBOOK_ENV, owner_pod=("jupyter-alice", "0f0e-uid"))
-    return {m["kind"]: m for m in manifests}
+    home = config.home
+    proxy, token = home / "x509up_u1000", home / "bt"
+    proxy.write_text("-----BEGIN CERTIFICATE-----\nproxy\n")
+    token.write_text("eyJ.token")
+    environ = {**NOTEBOOK_ENV, "X509_USER_PROXY": str(proxy), "BEARER_TOKEN_FILE": str(token)}
+    manifests = backend.manifests(environ=environ, owner_pod=("jupyter-alice", "0f0e-uid"))
+    return {("Secret/credentials" if m["metadata"]["name"].endswith("-credentials") else m["kind"]): m
+            for m in manifests}
 
 
 def validate_k8s(obj: dict[str, Any]) -> None:
@@ -71,7 +78,8 @@ def pod(spec: dict[str, Any], name: str) -> dict[str, Any]:
 def test_manifests_validate_against_crds_and_kubernetes_schemas(config: FacilityConfig,
                                                                 gpus: int) -> None:
     objects = render(config, gpus)
-    assert list(objects) == ["Secret", "DaskCluster", "DaskAutoscaler"]
+    assert list(objects) == ["Secret", "Secret/credentials", "DaskCluster", "DaskAutoscaler"]
+    validate_k8s(objects["Secret/credentials"])
     jsonschema.validate(objects["DaskCluster"], crd_schema("DaskCluster"))
     jsonschema.validate(objects["DaskAutoscaler"], crd_schema("DaskAutoscaler"))
     validate_k8s(objects["Secret"])
@@ -112,6 +120,11 @@ def test_workers_run_the_notebook_image_with_its_environment_and_tls(config: Fac
     assert scheduler["args"][-2:] == ["--protocol", "tls"]
     secret = objects["Secret"]
     assert base64.b64decode(secret["data"]["key.pem"]).startswith(b"-----BEGIN PRIVATE KEY")
+    carried = objects["Secret/credentials"]["data"]
+    assert base64.b64decode(carried["BEARER_TOKEN_FILE"]) == b"eyJ.token"
+    mounts = {m["mountPath"]: m.get("subPath") for m in container["volumeMounts"]}
+    assert mounts[str(config.home / "bt")] == "BEARER_TOKEN_FILE"
+    assert mounts[str(config.home / "x509up_u1000")] == "X509_USER_PROXY"
     assert objects["DaskAutoscaler"]["spec"] == {"cluster": "alice-zpeak", "minimum": 1, "maximum": 6}
 
 

@@ -4,6 +4,8 @@ What it asks the operator for (see :func:`manifests`):
 
 * a ``Secret`` with the cluster's own TLS credentials, mounted into scheduler and workers, which
   speak mutual TLS only;
+* a ``Secret`` with the files that forwarded variables name (``X509_USER_PROXY``,
+  ``BEARER_TOKEN_FILE``), mounted at the same paths;
 * a ``DaskCluster`` whose scheduler and workers run the notebook's own image
   (``JUPYTER_IMAGE_SPEC``) with the notebook's forwarded environment, sized by the granted
   request, labelled with the user for the chart's NetworkPolicy, owned by the notebook pod so that
@@ -21,6 +23,7 @@ import base64
 import fnmatch
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from dask_kubernetes.operator.kubecluster.kubecluster import make_cluster_spec
@@ -39,6 +42,22 @@ def forwarded_environment(patterns: list[str], environ: dict[str, str]) -> dict[
     """The notebook's variables that workers need (credentials, facility settings)."""
     return {key: value for key, value in sorted(environ.items())
             if any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)}
+
+
+def credential_files(forwarded: dict[str, str]) -> dict[str, Path]:
+    """Forwarded variables that name a file (a proxy certificate, a token file): the file itself
+    must reach the pods too, at the same path."""
+    return {key: Path(value) for key, value in forwarded.items()
+            if value.startswith("/") and Path(value).is_file()}
+
+
+def _mount_credentials(pod: dict, secret: str, files: dict[str, Path]) -> None:
+    pod.setdefault("volumes", []).append({"name": "credentials", "secret": {
+        "secretName": secret, "defaultMode": 0o400}})
+    for container in pod["containers"]:
+        container.setdefault("volumeMounts", []).extend(
+            {"name": "credentials", "mountPath": str(path), "subPath": key, "readOnly": True}
+            for key, path in files.items())
 
 
 def _tls_args(role: str) -> list[str]:
@@ -78,9 +97,10 @@ class KubernetesBackend(ClusterBackend):
             "limits": {"cpu": str(request.threads), "memory": str(request.memory)}}
         if request.gpus:
             resources["limits"]["nvidia.com/gpu"] = str(request.gpus)
+        forwarded = forwarded_environment(k8s.forward_env, env)
+        files = credential_files(forwarded)
         cluster = make_cluster_spec(
-            self.name, image=self.image(env), n_workers=request.min_workers,
-            env=forwarded_environment(k8s.forward_env, env),
+            self.name, image=self.image(env), n_workers=request.min_workers, env=forwarded,
             scheduler_service_type=k8s.scheduler_service_type,
             idle_timeout=int(self.idle_timeout))
         labels = {USER_LABEL: self.identity.user, "dask.org/cluster-name": self.name}
@@ -109,19 +129,27 @@ class KubernetesBackend(ClusterBackend):
                 worker["tolerations"] = [dict(t) for t in k8s.gpu_tolerations]
         for pod in (scheduler, worker):
             _mount_tls(pod, secret)
+            if files:
+                _mount_credentials(pod, f"{self.name}-credentials", files)
         spec["scheduler"]["service"]["selector"] = {"dask.org/cluster-name": self.name,
                                                      "dask.org/component": "scheduler"}
-        return [self._secret(secret, labels), cluster, {
+        secrets = [self._secret(secret, labels, pem_contents(self._credentials_folder()))]
+        if files:
+            secrets.append(self._secret(f"{self.name}-credentials", labels,
+                                        {key: path.read_text() for key, path in files.items()}))
+        return [*secrets, cluster, {
             "apiVersion": "kubernetes.dask.org/v1", "kind": "DaskAutoscaler",
             "metadata": {"name": self.name, "namespace": k8s.namespace, "labels": labels},
             "spec": {"cluster": self.name, "minimum": request.min_workers,
                      "maximum": request.max_workers}}]
 
-    def _secret(self, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    def _credentials_folder(self) -> Path:
         if not (self.folder / FILES["key"]).exists():
             create_credentials(self.folder)
-        data = {key: base64.b64encode(value.encode()).decode()
-                for key, value in pem_contents(self.folder).items()}
+        return self.folder
+
+    def _secret(self, name: str, labels: dict[str, str], contents: dict[str, str]) -> dict[str, Any]:
+        data = {key: base64.b64encode(value.encode()).decode() for key, value in contents.items()}
         return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "data": data,
                 "metadata": {"name": name, "namespace": self.config.cluster.kubernetes.namespace,
                              "labels": labels}}
@@ -181,7 +209,8 @@ class KubernetesBackend(ClusterBackend):
         import kr8s
 
         api, stopped = self._api(), False
-        for kind, name in (("daskclusters", self.name), ("secrets", f"{self.name}-tls")):
+        for kind, name in (("daskclusters", self.name), ("secrets", f"{self.name}-tls"),
+                           ("secrets", f"{self.name}-credentials")):
             for obj in kr8s.get(kind, name, api=api):
                 obj.delete()
                 stopped = True
