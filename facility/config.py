@@ -138,6 +138,106 @@ class ProcessingConfig(_Strict):
     open_files_per_worker: int = Field(default=16, ge=1, description="open-file cache per worker")
 
 
+def _only_unique(names: list[str], items: list[Any]) -> list[Any]:
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"names must be unique, repeated: {', '.join(duplicated)}")
+    return items
+
+
+class VOConfig(_Strict):
+    """The virtual organisation's identity provider and what its tokens say about a user."""
+
+    issuer: str | None = Field(
+        default=None, description="OpenID issuer URL; null: the embedded provider of this machine")
+    client_id: str = "facility-hub"
+    client_secret_env: str = Field(default="FACILITY_HUB_CLIENT_SECRET",
+                                   description="environment variable holding the client secret")
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email",
+                                                       "offline_access", "wlcg.groups"])
+    authorize_url: str | None = Field(default=None, description="null: from the issuer's discovery")
+    token_url: str | None = Field(default=None, description="null: from the issuer's discovery")
+    userinfo_url: str | None = Field(default=None, description="null: from the issuer's discovery")
+    username_claim: str = "preferred_username"
+    group_claims: list[str] = Field(
+        default_factory=lambda: ["wlcg.groups", "eduperson_entitlement", "groups"],
+        description="claims read for VO group membership, in this order")
+    allowed_groups: list[str] = Field(default_factory=list,
+                                      description="members of any of these may log in")
+    admin_groups: list[str] = Field(default_factory=list)
+
+
+class ProfileConfig(_Strict):
+    """A user environment offered at spawn time; ``groups`` limits who sees it."""
+
+    slug: str = Field(pattern=r"^[a-z0-9-]+$")
+    display_name: str
+    description: str = ""
+    cpu: float = Field(default=2.0, gt=0)
+    memory: str = Field(default="8GiB", pattern=MEMORY_PATTERN)
+    gpus: int = Field(default=0, ge=0)
+    image: str | None = Field(default=None, description="notebook image; null: the hub's default")
+    groups: list[str] = Field(default_factory=list, description="empty: every allowed user")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, str]] = Field(default_factory=list)
+    default: bool = False
+
+
+class DevUser(_Strict):
+    """A login of the embedded identity provider (for trying and testing the facility)."""
+
+    username: str = Field(pattern=r"^[a-z][a-z0-9._-]*$")
+    password: str
+    groups: list[str] = Field(default_factory=list)
+    email: str | None = None
+
+
+def _default_profiles() -> list[ProfileConfig]:
+    gpu_toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    return [
+        ProfileConfig(slug="cpu-small", display_name="CPU, small", description="2 cores, 8 GiB",
+                      cpu=2, memory="8GiB", default=True),
+        ProfileConfig(slug="cpu-large", display_name="CPU, large", description="8 cores, 32 GiB",
+                      cpu=8, memory="32GiB"),
+        ProfileConfig(slug="gpu", display_name="GPU", description="4 cores, 32 GiB, 1 GPU", cpu=4,
+                      memory="32GiB", gpus=1, groups=["cms/gpu"],
+                      node_selector={"nvidia.com/gpu.present": "true"}, tolerations=[gpu_toleration]),
+    ]
+
+
+def _default_dev_users() -> list[DevUser]:
+    return [DevUser(username="alice", password="alice-dev", groups=["cms", "cms/gpu"]),
+            DevUser(username="bob", password="bob-dev", groups=["cms"]),
+            DevUser(username="eve", password="eve-dev", groups=["other-vo"])]
+
+
+class HubConfig(_Strict):
+    """JupyterHub: where it listens, whom it lets in, what it offers."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535, description="public port (the proxy)")
+    hub_port: int = Field(default=8081, ge=1, le=65535)
+    proxy_api_port: int = Field(default=8001, ge=1, le=65535)
+    provider_port: int = Field(default=5556, ge=1, le=65535,
+                               description="port of the embedded identity provider")
+    vo: VOConfig = Field(default_factory=lambda: VOConfig(allowed_groups=["cms"],
+                                                          admin_groups=["cms/admin"]))
+    profiles: list[ProfileConfig] = Field(default_factory=_default_profiles, min_length=1)
+    dev_users: list[DevUser] = Field(default_factory=_default_dev_users)
+    idle_culler_timeout: int = Field(default=3600, ge=60, description="seconds before an idle "
+                                     "user server is stopped")
+    token_refresh_seconds: int = Field(default=300, ge=30,
+                                       description="refresh the user's tokens this long before "
+                                                   "they expire")
+
+    @field_validator("profiles", "dev_users")
+    @classmethod
+    def _unique(cls, items: list[Any]) -> list[Any]:
+        """Profiles are picked by slug and users log in by name: each may appear once."""
+        return _only_unique([getattr(i, "slug", None) or i.username for i in items],
+                            items)
+
+
 class SampleConfig(_Strict):
     """A synthetic dataset that ``facility data generate`` writes."""
 
@@ -179,17 +279,14 @@ class FacilityConfig(_Strict):
     regions: list[RegionConfig] = Field(default_factory=_default_regions, min_length=1)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     processing: ProcessingConfig = Field(default_factory=ProcessingConfig)
+    hub: HubConfig = Field(default_factory=HubConfig)
     samples: list[SampleConfig] = Field(default_factory=_default_samples)
 
     @field_validator("regions", "samples")
     @classmethod
     def _unique_names(cls, items: list[Any]) -> list[Any]:
         """Regions and samples are looked up by name, so a name may appear only once."""
-        names = [item.name for item in items]
-        duplicated = sorted({n for n in names if names.count(n) > 1})
-        if duplicated:
-            raise ValueError(f"names must be unique, repeated: {', '.join(duplicated)}")
-        return items
+        return _only_unique([item.name for item in items], items)
 
     def path(self, value: Path) -> Path:
         """Resolve a configured path: absolute stays, relative hangs off ``home``."""

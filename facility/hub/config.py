@@ -1,0 +1,125 @@
+"""JupyterHub's configuration, built from the facility configuration by importable Python.
+
+The embedded facility's hub and the Helm chart's hub load the same thing; the chart's
+``jupyterhub_config.py`` is two lines::
+
+    from facility.hub.config import configure
+    configure(c, spawner="kubernetes")
+
+Nothing site-specific is written here: issuer, claims, groups, profiles, ports and timeouts come
+from ``FacilityConfig.hub``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any, Literal
+
+from facility.cluster.lab import LABEXTENSION_ENV
+from facility.config import FacilityConfig, VOConfig, load_config
+from facility.hub.authenticator import VOAuthenticator
+
+DISCOVERY_PATH = "/.well-known/openid-configuration"
+CULLER_SCOPES = ["list:users", "read:users:activity", "read:servers", "delete:servers"]
+
+
+class HubConfigError(RuntimeError):
+    """The hub cannot be configured (an unreachable issuer, a missing secret)."""
+
+
+def issuer_url(config: FacilityConfig) -> str:
+    hub = config.hub
+    return hub.vo.issuer or f"http://{hub.host}:{hub.provider_port}"
+
+
+def discover(issuer: str, timeout: float = 10.0) -> dict[str, Any]:
+    """The provider's endpoints from its OpenID discovery document."""
+    url = issuer.rstrip("/") + DISCOVERY_PATH
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return dict(json.load(response))
+    except (OSError, ValueError) as exc:
+        raise HubConfigError(f"cannot read the identity provider's discovery document {url}: "
+                             f"{exc}; check hub.vo.issuer") from exc
+
+
+def endpoints(vo: VOConfig, issuer: str) -> dict[str, str]:
+    explicit = {"authorize_url": vo.authorize_url, "token_url": vo.token_url,
+                "userdata_url": vo.userinfo_url}
+    if all(explicit.values()):
+        return {k: str(v) for k, v in explicit.items()}
+    found = discover(issuer)
+    keys = {"authorize_url": "authorization_endpoint", "token_url": "token_endpoint",
+            "userdata_url": "userinfo_endpoint"}
+    return {k: explicit[k] or found[keys[k]] for k in keys}
+
+
+def groups_environment(spawner: Any) -> str:
+    return ",".join(sorted(group.name for group in spawner.user.groups))
+
+
+def configure(c: Any, config: FacilityConfig | None = None, *,
+              spawner: Literal["local", "kubernetes"] = "local",
+              config_file: Path | None = None, environ: dict[str, str] | None = None) -> None:
+    """Fill JupyterHub's traitlets config ``c`` from the facility configuration."""
+    env = os.environ if environ is None else environ
+    config = config or load_config(config_file)
+    hub, vo = config.hub, config.hub.vo
+    public = f"http://{hub.host}:{hub.port}"
+    c.JupyterHub.bind_url = public
+    c.JupyterHub.hub_ip = "127.0.0.1" if spawner == "local" else "0.0.0.0"
+    c.JupyterHub.hub_port = hub.hub_port
+    c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{hub.proxy_api_port}"
+    c.JupyterHub.cookie_secret_file = str(config.state_path / "hub" / "cookie_secret")
+    c.JupyterHub.db_url = f"sqlite:///{config.state_path / 'hub' / 'jupyterhub.sqlite'}"
+
+    c.JupyterHub.authenticator_class = VOAuthenticator
+    auth = c.VOAuthenticator
+    for key, value in endpoints(vo, issuer_url(config)).items():
+        setattr(auth, key, value)
+    auth.client_id = vo.client_id
+    secret = env.get(vo.client_secret_env)
+    if not secret:
+        raise HubConfigError(f"the OpenID client secret is not set: export {vo.client_secret_env}")
+    auth.client_secret = secret
+    auth.oauth_callback_url = f"{public}/hub/oauth_callback"
+    auth.scope = list(vo.scopes)
+    auth.username_claim = vo.username_claim
+    auth.group_claims = list(vo.group_claims)
+    auth.manage_groups = True
+    auth.allowed_groups = set(vo.allowed_groups)
+    auth.admin_groups = set(vo.admin_groups)
+    auth.enable_auth_state = True
+    auth.refresh_pre_spawn = True
+    auth.auth_refresh_age = hub.token_refresh_seconds
+
+    c.Spawner.default_url = "/lab"
+    c.Spawner.environment = {**LABEXTENSION_ENV, "FACILITY_GROUPS": groups_environment}
+    _spawner(c, config, spawner, config_file)
+
+    c.JupyterHub.services = [{"name": "idle-culler", "command": [
+        sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={hub.idle_culler_timeout}"]}]
+    c.JupyterHub.load_roles = [{"name": "idle-culler", "scopes": CULLER_SCOPES,
+                                "services": ["idle-culler"]}]
+
+
+def _spawner(c: Any, config: FacilityConfig, spawner: str, config_file: Path | None) -> None:
+    if spawner == "kubernetes":
+        from facility.hub.profiles import kubespawner_profiles
+        from facility.hub.spawner import user_groups
+
+        c.JupyterHub.spawner_class = "kubespawner.KubeSpawner"
+        c.KubeSpawner.profile_list = lambda s: kubespawner_profiles(config.hub, user_groups(s))
+        return
+    from facility.hub.spawner import FacilityLocalSpawner
+
+    c.JupyterHub.spawner_class = FacilityLocalSpawner
+    c.FacilityLocalSpawner.home_dir_template = str(config.state_path / "hub" / "users" / "{username}")
+    c.FacilityLocalSpawner.facility_config_file = str(config_file or "")
+    c.Spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
+    c.Spawner.environment = {**c.Spawner.environment,
+                             "FACILITY_CONFIG": str(config_file or os.environ.get("FACILITY_CONFIG", ""))}

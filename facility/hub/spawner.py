@@ -1,0 +1,72 @@
+"""User servers on one machine: one process per user, in the user's own directory.
+
+The form offers the profiles the user's VO groups open; the choice is checked again on start
+(a form can be forged), and a GPU profile is refused with a clear message on a machine without
+a GPU. The server gets the facility's environment: the user's groups (cluster limits), the
+configuration, and the JupyterLab Dask sidebar pointed at facility clusters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+from pathlib import Path
+from typing import Any
+
+from dask.utils import parse_bytes
+from jupyterhub.spawner import SimpleLocalProcessSpawner
+from tornado import web
+from traitlets import Unicode, default
+
+from facility.cluster.local import local_gpus
+from facility.config import FacilityConfig, load_config
+from facility.hub.profiles import profile_named, visible_profiles
+
+
+def user_groups(spawner: Any) -> set[str]:
+    return {group.name for group in spawner.user.groups}
+
+
+def profile_form(config: FacilityConfig, groups: set[str]) -> str:
+    rows = []
+    for profile in visible_profiles(config.hub, groups):
+        checked = " checked" if profile.default else ""
+        rows.append(
+            f'<label class="facility-profile"><input type="radio" name="profile" '
+            f'value="{html.escape(profile.slug)}"{checked}> <strong>{html.escape(profile.display_name)}'
+            f"</strong> {html.escape(profile.description)}</label><br>")
+    return "\n".join(rows) or "<p>No environment is open to your VO groups.</p>"
+
+
+class FacilityLocalSpawner(SimpleLocalProcessSpawner):
+    """SimpleLocalProcessSpawner with the facility's profiles and environment."""
+
+    facility_config_file = Unicode("", config=True, help="the facility configuration file")
+
+    def facility_config(self) -> FacilityConfig:
+        return load_config(Path(self.facility_config_file) if self.facility_config_file else None)
+
+    @default("options_form")
+    def _profiles_form(self) -> Any:
+        return lambda spawner: profile_form(spawner.facility_config(), user_groups(spawner))
+
+    def options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, Any]:
+        chosen = formdata.get("profile") or []
+        return {"profile": chosen[0] if chosen else None}
+
+    async def start(self) -> Any:
+        config = await asyncio.to_thread(self.facility_config)
+        try:
+            profile = profile_named(config.hub, user_groups(self), self.user_options.get("profile"))
+        except (PermissionError, LookupError) as exc:
+            raise web.HTTPError(403, str(exc)) from None
+        if profile.gpus:
+            have = await asyncio.to_thread(local_gpus)
+            if have < profile.gpus:
+                raise web.HTTPError(
+                    400, f"The profile {profile.display_name!r} needs {profile.gpus} GPU(s); this "
+                         f"machine has {have}. Pick a CPU profile.")
+        self.mem_limit = parse_bytes(profile.memory)
+        self.cpu_limit = profile.cpu
+        self.environment["FACILITY_PROFILE"] = profile.slug
+        return await super().start()
