@@ -6,11 +6,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # python3-minimal and passwd: a second local account (useradd) runs the system python in the
 # isolation test, since it may not read the project interpreter
-APT_PACKAGES := xrootd-server xrootd-client python3-minimal passwd
+# chromium: the browser tests (driven by Playwright, which must not download a browser of its own);
+# nodejs and npm: the embedded identity provider and configurable-http-proxy
+APT_PACKAGES := xrootd-server xrootd-client python3-minimal passwd chromium
+NODE_DIR := facility/hub/provider
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
 .PHONY: setup system-deps demo test lint typecheck unit down clean
 
-setup: system-deps $(STAMP)
+setup: system-deps $(STAMP) $(NODE_STAMP)
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -19,6 +23,12 @@ system-deps:
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	@command -v npm >/dev/null || { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm >/dev/null; }
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

@@ -154,7 +154,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with bar:
         result = run("dimuon", args.dataset, config=config, progress=update)
     print_summary(result.summary)
-    console.print("\nthe facility is still up; stop it with: [bold].venv/bin/facility down[/bold]")
+    hub = config.hub
+    first = hub.dev_users[0] if hub.dev_users else None
+    console.print(f"\nJupyterHub: [bold]http://{hub.host}:{hub.port}[/bold]"
+                  + (f"  (dev login: {first.username} / {first.password}; "
+                     "the quick-start notebook is in your home)" if first else ""))
+    console.print("the facility is still up; stop it with: [bold].venv/bin/facility down[/bold]")
     return 0
 
 

@@ -148,6 +148,7 @@ def _only_unique(names: list[str], items: list[Any]) -> list[Any]:
 class VOConfig(_Strict):
     """The virtual organisation's identity provider and what its tokens say about a user."""
 
+    name: str = Field(default="your VO", description="shown on the login button")
     issuer: str | None = Field(
         default=None, description="OpenID issuer URL; null: the embedded provider of this machine")
     client_id: str = "facility-hub"
@@ -226,6 +227,10 @@ class HubConfig(_Strict):
     dev_users: list[DevUser] = Field(default_factory=_default_dev_users)
     idle_culler_timeout: int = Field(default=3600, ge=60, description="seconds before an idle "
                                      "user server is stopped")
+    notebooks_dir: Path | None = Field(
+        default=None, description="notebooks copied into a new user's directory (local spawner)")
+    access_token_seconds: int = Field(default=900, ge=60,
+                                      description="access token lifetime (embedded provider)")
     token_refresh_seconds: int = Field(default=300, ge=30,
                                        description="refresh the user's tokens this long before "
                                                    "they expire")
@@ -334,13 +339,20 @@ class FacilityConfig(_Strict):
 
 
 def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
-    """Nested settings from ``FACILITY_A__B=value``; values parse as YAML scalars."""
+    """Nested settings from ``FACILITY_A__B=value``; values parse as YAML scalars.
+
+    Other ``FACILITY_`` variables (``FACILITY_GROUPS``, tokens, secrets) belong to the parts that
+    set them, not to the configuration: only ``SECTION__KEY`` names and top-level settings count.
+    """
     overrides: dict[str, Any] = {}
     sources: dict[tuple[str, ...], str] = {}
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
-        keys = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+        rest = name[len(ENV_PREFIX):]
+        if "__" not in rest and rest.lower() not in FacilityConfig.model_fields:
+            continue
+        keys = tuple(part.lower() for part in rest.split("__"))
         if not all(keys):
             continue
         target = overrides

@@ -12,6 +12,7 @@ from pathlib import Path
 import coffea
 import pytest
 
+from facility.cluster.local import local_gpus
 from facility.config import FacilityConfig, load_config
 from facility.data.samples import generate_samples
 from facility.embedded import facility as embedded
@@ -30,6 +31,15 @@ regions:
   - {{name: west, distance: 5, serve: {{xrootd_port: {free_port()}, http_port: {free_port()}}}}}
 cluster: {{min_workers: 2, max_workers: 2, memory_limit: 3GiB, dashboard_port: {free_port()}}}
 processing: {{chunk_size: 5000, open_timeout: 10}}
+hub:
+  port: {free_port()}
+  hub_port: {free_port()}
+  proxy_api_port: {free_port()}
+  provider_port: {free_port()}
+  notebooks_dir: {REPO / "notebooks"}
+  profiles:
+    - {{slug: cpu-small, display_name: "CPU, small", cpu: 1, memory: 2GiB, default: true}}
+    - {{slug: gpu, display_name: GPU, cpu: 1, memory: 2GiB, gpus: {local_gpus() + 1}, groups: [cms/gpu]}}
 samples:
   - {{name: DY, kind: drell_yan, files: 2, events_per_file: 20000, seed: 5}}
   - {{name: TT, kind: ttbar, files: 1, events_per_file: 10000, seed: 6}}
@@ -50,7 +60,7 @@ def facility_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facili
     shutil.rmtree(home, ignore_errors=True)
     config = small_config(home)
     generate_samples(config, report=lambda _: None)
-    embedded.up(config, report=lambda _: None)
+    embedded.up(config, report=lambda _: None, hub=False)
     yield config
     embedded.down(config, report=lambda _: None)
     shutil.rmtree(home, ignore_errors=True)

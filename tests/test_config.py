@@ -23,6 +23,14 @@ def test_file_and_environment_are_merged(tmp_path: Path) -> None:
     assert config.home == (tmp_path / "here").resolve()
 
 
+def test_other_facility_variables_are_not_settings(tmp_path: Path) -> None:
+    path = tmp_path / "f.yaml"
+    path.write_text("home: here\n")
+    config = load_config(path, environ={"FACILITY_GROUPS": "cms", "FACILITY_HUB_CLIENT_SECRET": "x",
+                                        "FACILITY_ACCESS_TOKEN": "t", "FACILITY_HOME": "there"})
+    assert config.home == (tmp_path / "there").resolve()
+
+
 def test_bad_value_names_key_expectation_and_source(tmp_path: Path) -> None:
     path = tmp_path / "f.yaml"
     path.write_text("cluster: {max_workers: many}\n")

@@ -228,12 +228,17 @@ def test_unreachable_region_fails_over_to_the_next(facility_config: FacilityConf
 def test_second_up_is_harmless(facility_config: FacilityConfig) -> None:
     from facility.embedded.facility import status, up
 
+    up(facility_config, report=lambda _: None)  # everything, the hub's services included
     before = {s.name: s.pid for s in status(facility_config)}
     lines: list[str] = []
     up(facility_config, report=lines.append)
     after = {s.name: s.pid for s in status(facility_config)}
     assert before == after
-    assert all("already running" in line for line in lines)
+    running = {name for name, pid in before.items() if pid is not None}
+    assert {"xrootd-east", "xrootd-west", "dask-default", "jupyterhub", "identity-provider",
+            "hub-proxy"} <= running
+    assert [line for line in lines if line.startswith("started")] == []
+    assert sum("already running" in line for line in lines) == 6
 
 
 def test_rerun_plans_from_remembered_files_with_identical_results(

@@ -13,27 +13,42 @@ from facility.cluster.local import LocalBackend, local_clusters
 from facility.config import FacilityConfig
 from facility.data.servers import data_server, served_regions
 from facility.embedded.services import Service, ServiceState, Supervisor
+from facility.hub.embedded import check_prerequisites, dev_logins, hub_services, write_hub_files
 
 
 def data_services(config: FacilityConfig) -> list[Service]:
     return [data_server(config, region) for region in served_regions(config)]
 
 
-def up(config: FacilityConfig, report: Callable[[str], None] = print) -> None:
-    supervisor = Supervisor(config.state_path)
-    for service in data_services(config):
+def _start(supervisor: Supervisor, services: list[Service], report: Callable[[str], None]) -> None:
+    for service in services:
         proc, started = supervisor.start(service)
         report(f"{'started' if started else 'already running'}: {service.name} (pid {proc.pid}, "
                f"ports {', '.join(map(str, service.ports))})")
+
+
+def up(config: FacilityConfig, report: Callable[[str], None] = print, hub: bool = True) -> None:
+    """Data servers, the facility's Dask cluster and (unless ``hub=False``) the hub's services."""
+    supervisor = Supervisor(config.state_path)
+    _start(supervisor, data_services(config), report)
     backend = backend_for(config)
     already = backend.running()
     info = backend.start()
     report(f"{'already running' if already else 'started'}: Dask cluster at "
            f"{info.scheduler_address}, dashboard {info.dashboard_link()}")
+    if hub:
+        check_prerequisites()
+        write_hub_files(config)
+        _start(supervisor, hub_services(config), report)
+        report(f"JupyterHub: http://{config.hub.host}:{config.hub.port}  dev logins: "
+               + "; ".join(dev_logins(config)))
 
 
 def down(config: FacilityConfig, report: Callable[[str], None] = print) -> None:
     supervisor = Supervisor(config.state_path)
+    for service in reversed(hub_services(config)):
+        if supervisor.stop(service.name):
+            report(f"stopped: {service.name}")
     for cluster in local_clusters(config):
         if cluster.stop():
             report(f"stopped: Dask cluster {cluster.name}")
@@ -44,7 +59,7 @@ def down(config: FacilityConfig, report: Callable[[str], None] = print) -> None:
 
 def status(config: FacilityConfig) -> list[ServiceState]:
     supervisor = Supervisor(config.state_path)
-    states = [supervisor.state(service) for service in data_services(config)]
+    states = [supervisor.state(service) for service in [*data_services(config), *hub_services(config)]]
     clusters = {c.name: c for c in local_clusters(config)}
     default = backend_for(config)
     if isinstance(default, LocalBackend):

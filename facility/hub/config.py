@@ -73,7 +73,10 @@ def configure(c: Any, config: FacilityConfig | None = None, *,
     c.JupyterHub.bind_url = public
     c.JupyterHub.hub_ip = "127.0.0.1" if spawner == "local" else "0.0.0.0"
     c.JupyterHub.hub_port = hub.hub_port
+    # the proxy runs as its own service (a pod on Kubernetes, a process here) and outlives hub
+    # restarts; both read its token from CONFIGPROXY_AUTH_TOKEN
     c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{hub.proxy_api_port}"
+    c.ConfigurableHTTPProxy.should_start = False
     c.JupyterHub.cookie_secret_file = str(config.state_path / "hub" / "cookie_secret")
     c.JupyterHub.db_url = f"sqlite:///{config.state_path / 'hub' / 'jupyterhub.sqlite'}"
 
@@ -81,6 +84,7 @@ def configure(c: Any, config: FacilityConfig | None = None, *,
     auth = c.VOAuthenticator
     for key, value in endpoints(vo, issuer_url(config)).items():
         setattr(auth, key, value)
+    auth.login_service = vo.name
     auth.client_id = vo.client_id
     secret = env.get(vo.client_secret_env)
     if not secret:
@@ -120,6 +124,10 @@ def _spawner(c: Any, config: FacilityConfig, spawner: str, config_file: Path | N
     c.JupyterHub.spawner_class = FacilityLocalSpawner
     c.FacilityLocalSpawner.home_dir_template = str(config.state_path / "hub" / "users" / "{username}")
     c.FacilityLocalSpawner.facility_config_file = str(config_file or "")
+    if config.hub.notebooks_dir is not None:
+        c.FacilityLocalSpawner.notebooks_dir = str(config.path(config.hub.notebooks_dir))
     c.Spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
+    if os.geteuid() == 0:  # the embedded facility runs every server as the account running it
+        c.Spawner.args = ["--ServerApp.allow_root=True"]
     c.Spawner.environment = {**c.Spawner.environment,
                              "FACILITY_CONFIG": str(config_file or os.environ.get("FACILITY_CONFIG", ""))}

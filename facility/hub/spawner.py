@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,29 @@ def profile_form(config: FacilityConfig, groups: set[str]) -> str:
     return "\n".join(rows) or "<p>No environment is open to your VO groups.</p>"
 
 
+async def apply_profile(spawner: Any, user_options: dict[str, Any]) -> None:
+    """JupyterHub's hook for the form's choice: check it, then shape the server by it."""
+    config = await asyncio.to_thread(spawner.facility_config)
+    try:
+        profile = profile_named(config.hub, user_groups(spawner), user_options.get("profile"))
+    except (PermissionError, LookupError) as exc:
+        raise web.HTTPError(403, str(exc)) from None
+    if profile.gpus:
+        have = await asyncio.to_thread(local_gpus)
+        if have < profile.gpus:
+            raise web.HTTPError(
+                400, f"The profile {profile.display_name!r} needs {profile.gpus} GPU(s); this "
+                     f"machine has {have}. Pick a CPU profile.")
+    spawner.mem_limit = parse_bytes(profile.memory)
+    spawner.cpu_limit = profile.cpu
+    spawner.environment["FACILITY_PROFILE"] = profile.slug
+
+
 class FacilityLocalSpawner(SimpleLocalProcessSpawner):
     """SimpleLocalProcessSpawner with the facility's profiles and environment."""
 
     facility_config_file = Unicode("", config=True, help="the facility configuration file")
+    notebooks_dir = Unicode("", config=True, help="notebooks a user finds in a new directory")
 
     def facility_config(self) -> FacilityConfig:
         return load_config(Path(self.facility_config_file) if self.facility_config_file else None)
@@ -54,19 +74,21 @@ class FacilityLocalSpawner(SimpleLocalProcessSpawner):
         chosen = formdata.get("profile") or []
         return {"profile": chosen[0] if chosen else None}
 
+    @default("apply_user_options")
+    def _apply_profile_default(self) -> Any:
+        return apply_profile
+
     async def start(self) -> Any:
-        config = await asyncio.to_thread(self.facility_config)
-        try:
-            profile = profile_named(config.hub, user_groups(self), self.user_options.get("profile"))
-        except (PermissionError, LookupError) as exc:
-            raise web.HTTPError(403, str(exc)) from None
-        if profile.gpus:
-            have = await asyncio.to_thread(local_gpus)
-            if have < profile.gpus:
-                raise web.HTTPError(
-                    400, f"The profile {profile.display_name!r} needs {profile.gpus} GPU(s); this "
-                         f"machine has {have}. Pick a CPU profile.")
-        self.mem_limit = parse_bytes(profile.memory)
-        self.cpu_limit = profile.cpu
-        self.environment["FACILITY_PROFILE"] = profile.slug
+        await asyncio.to_thread(self._copy_notebooks)
         return await super().start()
+
+    def _copy_notebooks(self) -> None:
+        """Starter notebooks into the user's directory; the user's own copies are kept."""
+        home = Path(self.home_dir)
+        home.mkdir(parents=True, exist_ok=True)
+        if not self.notebooks_dir:
+            return
+        for source in sorted(Path(self.notebooks_dir).glob("*.ipynb")):
+            target = home / source.name
+            if not target.exists():
+                shutil.copy2(source, target)

@@ -107,7 +107,7 @@ def bench_command(config: FacilityConfig, args: argparse.Namespace, console: Con
     config.cluster = config.cluster.model_copy(update={"min_workers": workers, "max_workers": workers,
                                                        "threads_per_worker": 1})
     generate_samples(config, [BENCH_DATASET], report=console.print)
-    up(config, report=console.print)
+    up(config, report=console.print, hub=False)
     catalog = load_catalog(config.catalog_path)
     remote = catalog.get(BENCH_DATASET)
     local = _file_dataset(config, remote)

@@ -1,0 +1,126 @@
+// The embedded facility's identity provider: a real OpenID provider (oidc-provider) playing the
+// VO. Its users and their VO groups come from the facility configuration (hub.dev_users); it
+// has its own login form, and it states groups the way WLCG tokens do ("wlcg.groups": ["/cms"]).
+//
+//   node server.mjs SETTINGS.json
+//
+// SETTINGS.json (written by facility/hub/embedded.py): issuer, port, host, keys file, clients,
+// users, access token lifetime.
+
+import { generateKeyPairSync } from 'node:crypto';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import http from 'node:http';
+import Provider from 'oidc-provider';
+
+const settings = JSON.parse(readFileSync(process.argv[2], 'utf8'));
+const users = new Map(settings.users.map((user) => [user.username, user]));
+
+function signingKeys(path) {
+  if (existsSync(path)) return JSON.parse(readFileSync(path, 'utf8'));
+  const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+  const keys = { keys: [{ ...privateKey.export({ format: 'jwk' }), use: 'sig', alg: 'RS256', kid: 'facility-1' }] };
+  writeFileSync(path, JSON.stringify(keys), { mode: 0o600 });
+  return keys;
+}
+
+function claimsOf(user) {
+  return {
+    sub: user.username,
+    preferred_username: user.username,
+    name: user.username,
+    email: user.email || `${user.username}@vo.invalid`,
+    'wlcg.groups': user.groups.map((group) => `/${group}`),
+  };
+}
+
+const provider = new Provider(settings.issuer, {
+  clients: settings.clients,
+  jwks: signingKeys(settings.keys_file),
+  cookies: { keys: [settings.cookie_key] },
+  scopes: ['openid', 'profile', 'email', 'offline_access', 'wlcg.groups'],
+  claims: {
+    openid: ['sub'],
+    profile: ['preferred_username', 'name'],
+    email: ['email'],
+    'wlcg.groups': ['wlcg.groups'],
+  },
+  features: { devInteractions: { enabled: false } },
+  interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
+  findAccount: async (ctx, id) => {
+    const user = users.get(id);
+    if (!user) return undefined;
+    return { accountId: id, claims: async () => claimsOf(user) };
+  },
+  issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
+  ttl: { AccessToken: settings.access_token_seconds, IdToken: settings.access_token_seconds },
+  pkce: { required: () => false },
+});
+provider.proxy = true;
+
+const escape = (text) => String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+
+function loginPage(uid, clientId, message) {
+  const error = message ? `<p class="error" role="alert">${escape(message)}</p>` : '';
+  return `<!doctype html><html><head><meta charset="utf-8"><title>VO sign-in</title>
+<style>body{font-family:sans-serif;max-width:26em;margin:4em auto}label{display:block;margin:.6em 0}
+input{width:100%;padding:.4em}.error{color:#a00}</style></head><body>
+<h1>Sign in to the VO</h1><p>${escape(clientId)} asks for your identity and VO groups.</p>${error}
+<form method="post" action="/interaction/${escape(uid)}/login">
+<label>Username <input name="username" autocomplete="username" autofocus></label>
+<label>Password <input name="password" type="password" autocomplete="current-password"></label>
+<button type="submit">Sign in</button></form></body></html>`;
+}
+
+async function formBody(req) {
+  let raw = '';
+  for await (const piece of req) raw += piece;
+  return Object.fromEntries(new URLSearchParams(raw));
+}
+
+function send(res, status, html) {
+  res.writeHead(status, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
+  res.end(html);
+}
+
+// The hub is the facility's own client: consent is granted for what it asked.
+async function grantConsent(details) {
+  const { prompt, params, session, grantId } = details;
+  const grant = grantId ? await provider.Grant.find(grantId)
+    : new provider.Grant({ accountId: session.accountId, clientId: params.client_id });
+  const missing = prompt.details;
+  if (missing.missingOIDCScope) grant.addOIDCScope(missing.missingOIDCScope.join(' '));
+  if (missing.missingOIDCClaims) grant.addOIDCClaims(missing.missingOIDCClaims);
+  for (const [indicator, scopes] of Object.entries(missing.missingResourceScopes || {})) {
+    grant.addResourceScope(indicator, scopes.join(' '));
+  }
+  return { consent: { grantId: await grant.save() } };
+}
+
+async function interaction(req, res, uid, action) {
+  const details = await provider.interactionDetails(req, res);
+  if (details.prompt.name === 'consent') {
+    return provider.interactionFinished(req, res, await grantConsent(details), { mergeWithLastSubmission: true });
+  }
+  if (action !== 'login') return send(res, 200, loginPage(uid, details.params.client_id));
+  const { username, password } = await formBody(req);
+  const user = users.get(username);
+  if (!user || user.password !== password) {
+    return send(res, 401, loginPage(uid, details.params.client_id, 'Unknown user or wrong password.'));
+  }
+  return provider.interactionFinished(req, res, { login: { accountId: username } }, { mergeWithLastSubmission: false });
+}
+
+const callback = provider.callback();
+const server = http.createServer(async (req, res) => {
+  const match = req.url.match(/^\/interaction\/([^/?]+)(?:\/(login))?/);
+  if (!match) return callback(req, res);
+  try {
+    await interaction(req, res, match[1], req.method === 'POST' ? match[2] : undefined);
+  } catch (error) {
+    console.error(error);
+    send(res, 400, `<p>Sign-in failed: ${escape(error.message)}. Start again from the hub.</p>`);
+  }
+});
+server.listen(settings.port, settings.host, () => {
+  console.log(`identity provider ${settings.issuer} listening on ${settings.host}:${settings.port}`);
+});

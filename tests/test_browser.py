@@ -1,0 +1,106 @@
+"""The hub in a real browser: VO login through the provider's form, profiles, the quick-start
+notebook to the end, the dashboard through the hub, and who is kept out.
+
+Headless Debian chromium driven by Playwright; the identity provider, proxy, hub and user
+servers are the embedded facility's real processes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from facility.config import FacilityConfig
+from facility.embedded import facility as embedded
+
+pytestmark = pytest.mark.integration
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def hub(facility_config: FacilityConfig) -> str:
+    """The hub's services, beside the data servers and cluster the session already runs."""
+    embedded.up(facility_config, report=lambda _: None, hub=True)
+    return f"http://{facility_config.hub.host}:{facility_config.hub.port}"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def login(browser: Browser, hub: str, user: str, password: str) -> Page:
+    page = browser.new_context().new_page()
+    page.set_default_timeout(60_000)
+    page.goto(f"{hub}/hub/login")
+    page.click("text=Sign in with")
+    page.wait_for_selector("text=Sign in to the VO")
+    page.fill("input[name=username]", user)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    page.wait_for_load_state()
+    return page
+
+
+def start_server(page: Page, profile: str) -> None:
+    page.wait_for_url("**/hub/spawn")
+    page.check(f"input[value={profile}]")
+    page.click("text=Start")
+
+
+def test_vo_member_runs_the_quickstart_notebook(hub: str, browser: Browser) -> None:
+    page = login(browser, hub, "alice", "alice-dev")
+    assert page.locator("input[value=gpu]").count() == 1  # alice is in cms/gpu
+    start_server(page, "gpu")
+    page.wait_for_selector("text=needs")
+    assert re.search(r"The profile 'GPU' needs \d+ GPU\(s\); this machine has \d+",
+                     page.locator("body").inner_text())
+    page.goto(f"{hub}/hub/spawn")
+    start_server(page, "cpu-small")
+    page.wait_for_url("**/user/alice/lab**", timeout=180_000)
+
+    page.goto(f"{hub}/user/alice/lab/tree/quickstart.ipynb")
+    page.wait_for_selector(".jp-Notebook")
+    page.locator(".jp-StatusBar-TextItem", has_text="Idle").first.wait_for()
+    page.click("div.lm-MenuBar-itemLabel:text-is('Run')")
+    page.locator("li[data-command='runmenu:run-all']").click()
+    peak = page.wait_for_selector(".jp-OutputArea-output:has-text('Z peak fitted at')", timeout=300_000)
+    found = re.search(r"Z peak fitted at ([\d.]+) GeV", peak.inner_text())
+    assert found
+    assert abs(float(found.group(1)) - 91.19) < 1.0
+    link = page.wait_for_selector(".jp-OutputArea-output:has-text('dashboard:')", timeout=120_000)
+    dashboard = link.inner_text().split("dashboard:", 1)[1].strip()
+    assert dashboard.startswith("/user/alice/proxy/")
+
+    response = page.goto(f"{hub}{dashboard}")
+    assert response is not None
+    assert response.status == 200
+    assert "Dask" in page.title()
+    assert page.locator("text=Workers").count() >= 1
+
+    bob = login(browser, hub, "bob", "bob-dev")
+    assert bob.locator("input[value=gpu]").count() == 0  # not in cms/gpu
+    response = bob.goto(f"{hub}/user/alice/lab")
+    assert "You do not have permission to access Server at /user/alice/" in bob.locator("body").inner_text()
+
+
+def test_outside_the_vo_group_is_refused_with_the_reason(hub: str, browser: Browser) -> None:
+    page = login(browser, hub, "eve", "eve-dev")
+    text = page.locator("body").inner_text()
+    assert "403" in text
+    assert ("eve may not use this facility: membership in one of the VO groups cms is required; "
+            "your identity provider reports the groups: other-vo.") in text
+
+
+def test_a_wrong_password_stays_at_the_provider(hub: str, browser: Browser) -> None:
+    page = login(browser, hub, "alice", "not-her-password")
+    assert "Unknown user or wrong password." in page.locator("body").inner_text()
+    assert "/interaction/" in page.url
