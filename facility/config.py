@@ -227,6 +227,8 @@ class HubConfig(_Strict):
     dev_users: list[DevUser] = Field(default_factory=_default_dev_users)
     idle_culler_timeout: int = Field(default=3600, ge=60, description="seconds before an idle "
                                      "user server is stopped")
+    token_poll_seconds: float = Field(default=60.0, gt=0,
+                                      description="how often a user server fetches its token")
     notebooks_dir: Path | None = Field(
         default=None, description="notebooks copied into a new user's directory (local spawner)")
     access_token_seconds: int = Field(default=900, ge=60,

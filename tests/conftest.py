@@ -37,6 +37,9 @@ hub:
   proxy_api_port: {free_port()}
   provider_port: {free_port()}
   notebooks_dir: {REPO / "notebooks"}
+  access_token_seconds: 60        # short-lived tokens, renewed 50 s before they expire
+  token_refresh_seconds: 50
+  token_poll_seconds: 3
   profiles:
     - {{slug: cpu-small, display_name: "CPU, small", cpu: 1, memory: 2GiB, default: true}}
     - {{slug: gpu, display_name: GPU, cpu: 1, memory: 2GiB, gpus: {local_gpus() + 1}, groups: [cms/gpu]}}

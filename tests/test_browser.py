@@ -7,12 +7,19 @@ servers are the embedded facility's real processes.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import stat
+import time
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from facility.cluster.connect import connect
 from facility.config import FacilityConfig
 from facility.embedded import facility as embedded
 
@@ -90,6 +97,37 @@ def test_vo_member_runs_the_quickstart_notebook(hub: str, browser: Browser) -> N
     assert bob.locator("input[value=gpu]").count() == 0  # not in cms/gpu
     response = bob.goto(f"{hub}/user/alice/lab")
     assert "You do not have permission to access Server at /user/alice/" in bob.locator("body").inner_text()
+
+
+def _userinfo(config: FacilityConfig, token: str) -> dict:
+    issuer = f"http://{config.hub.host}:{config.hub.provider_port}"
+    request = urllib.request.Request(f"{issuer}/me", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return dict(json.load(response))
+
+
+def test_the_access_token_is_renewed_for_the_server_and_its_workers(
+        hub: str, facility_config: FacilityConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs after the notebook test: alice's server and her cluster are up."""
+    token_file = facility_config.state_path / "hub" / "users" / "alice" / ".facility" / "token"
+    first = token_file.read_text()
+    assert _userinfo(facility_config, first)["sub"] == "alice"
+    deadline = time.monotonic() + 90
+    while token_file.read_text() == first and time.monotonic() < deadline:
+        time.sleep(1)
+    renewed = token_file.read_text()
+    assert renewed != first, "the token file was not renewed"
+    assert _userinfo(facility_config, renewed)["wlcg.groups"] == ["/cms", "/cms/gpu"]
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+
+    monkeypatch.setenv("JUPYTERHUB_USER", "alice")
+    client = connect("quickstart", config=facility_config, wait=False)
+    try:
+        seen_by_worker = client.submit(lambda: Path(os.environ["BEARER_TOKEN_FILE"]).read_text(),
+                                       pure=False).result()
+    finally:
+        client.close()
+    assert seen_by_worker == token_file.read_text()
 
 
 def test_outside_the_vo_group_is_refused_with_the_reason(hub: str, browser: Browser) -> None:

@@ -136,3 +136,24 @@ def test_kubespawner_profiles_carry_gpu_limits_and_placement(config: FacilityCon
     for profile in profiles.values():
         assert set(profile["kubespawner_override"]) <= traits
     assert profiles["cpu-small"]["default"] is True
+
+
+def test_tokens_are_renewed_before_they_expire(explicit_endpoints: FacilityConfig,
+                                               tmp_path: Path) -> None:
+    import time
+
+    from facility.hub.tokens import write_token
+
+    auth = authenticator(hub_config(explicit_endpoints))
+    assert auth.refresh_margin == 300
+    state = auth.build_auth_state_dict({"access_token": "a", "expires_in": 600}, {"sub": "alice"})
+    assert 590 < state["expires_at"] - time.time() <= 600
+    assert not auth._expires_soon(state)
+    state["expires_at"] = time.time() + 200
+    assert auth._expires_soon(state)
+    token = tmp_path / "deep" / "token"
+    assert write_token(token, "first")
+    assert not write_token(token, "first")
+    assert write_token(token, "second")
+    assert token.read_text() == "second"
+    assert token.stat().st_mode & 0o777 == 0o600

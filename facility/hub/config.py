@@ -25,6 +25,8 @@ from facility.hub.authenticator import VOAuthenticator
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 CULLER_SCOPES = ["list:users", "read:users:activity", "read:servers", "delete:servers"]
+SERVER_SCOPES = ["users:activity!user", "access:servers!server", "admin:auth_state!user"]
+TOKEN_FILE = ".facility/token"
 
 
 class HubConfigError(RuntimeError):
@@ -99,16 +101,23 @@ def configure(c: Any, config: FacilityConfig | None = None, *,
     auth.admin_groups = set(vo.admin_groups)
     auth.enable_auth_state = True
     auth.refresh_pre_spawn = True
-    auth.auth_refresh_age = hub.token_refresh_seconds
+    auth.refresh_margin = hub.token_refresh_seconds
+    auth.auth_refresh_age = max(1, min(60, hub.token_refresh_seconds // 4))
+    # users, and their servers' tokens, may read their own auth state (their own tokens): that is
+    # how a server renews its token file (a token never has more rights than its owner)
+    c.JupyterHub.load_roles = [{"name": "user", "scopes": ["self", "admin:auth_state!user"]},
+                               {"name": "server", "scopes": SERVER_SCOPES}]
 
     c.Spawner.default_url = "/lab"
-    c.Spawner.environment = {**LABEXTENSION_ENV, "FACILITY_GROUPS": groups_environment}
+    c.Spawner.environment = {**LABEXTENSION_ENV, "FACILITY_GROUPS": groups_environment,
+                             "FACILITY_TOKEN_POLL_SECONDS": str(hub.token_poll_seconds)}
+    c.Spawner.args = ["--ServerApp.jpserver_extensions", "facility.hub.tokens=True"]
     _spawner(c, config, spawner, config_file)
 
     c.JupyterHub.services = [{"name": "idle-culler", "command": [
         sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={hub.idle_culler_timeout}"]}]
-    c.JupyterHub.load_roles = [{"name": "idle-culler", "scopes": CULLER_SCOPES,
-                                "services": ["idle-culler"]}]
+    c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, {
+        "name": "idle-culler", "scopes": CULLER_SCOPES, "services": ["idle-culler"]}]
 
 
 def _spawner(c: Any, config: FacilityConfig, spawner: str, config_file: Path | None) -> None:
@@ -127,7 +136,9 @@ def _spawner(c: Any, config: FacilityConfig, spawner: str, config_file: Path | N
     if config.hub.notebooks_dir is not None:
         c.FacilityLocalSpawner.notebooks_dir = str(config.path(config.hub.notebooks_dir))
     c.Spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
+    c.Spawner.environment = {**c.Spawner.environment,
+                             "BEARER_TOKEN_FILE": lambda s: str(Path(s.home_dir) / TOKEN_FILE)}
     if os.geteuid() == 0:  # the embedded facility runs every server as the account running it
-        c.Spawner.args = ["--ServerApp.allow_root=True"]
+        c.Spawner.args = [*c.Spawner.args, "--ServerApp.allow_root=True"]
     c.Spawner.environment = {**c.Spawner.environment,
                              "FACILITY_CONFIG": str(config_file or os.environ.get("FACILITY_CONFIG", ""))}
