@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 from pathlib import Path
@@ -160,8 +161,9 @@ def _damaged_copy(config: FacilityConfig, how: str) -> Path:
         with uproot.open(source) as handle:
             branch = handle["Events"]["Muon_pt"]
             seeks = [int(x) for x in branch.member("fBasketSeek")[: branch.num_baskets]]
+        noise = random.Random(how)  # the same damage every run
         for seek in seeks:
-            data[seek + 120: seek + 2120] = os.urandom(2000)
+            data[seek + 120: seek + 2120] = noise.randbytes(2000)
     target.write_bytes(bytes(data))
     for region in ("west",):
         copy = config.data_path / region / "Broken" / target.name
