@@ -318,7 +318,7 @@ def test_lab_sidebar_creates_scales_and_stops_a_facility_cluster(
 
     from facility.cluster.lab import LABEXTENSION_ENV, LabCluster
 
-    for key, value in {**LABEXTENSION_ENV,
+    for key, value in {**LABEXTENSION_ENV, "FACILITY_CLUSTER__LIMITS__DEFAULT__WORKERS": "2",
                        "FACILITY_CONFIG": str(facility_config.home / "facility.yaml")}.items():
         monkeypatch.setenv(key, value)
     dask.config.refresh()
@@ -330,11 +330,11 @@ def test_lab_sidebar_creates_scales_and_stops_a_facility_cluster(
         while len(cluster.scheduler_info["workers"]) < 1 and time.monotonic() < deadline:
             await asyncio.sleep(0.25)
         first = make_cluster_model("id", "lab", cluster, None)
-        await cluster.scale(2)
+        await cluster.scale(5)  # the sidebar is held to the same limits: 2 workers
         while len(cluster.scheduler_info["workers"]) < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.25)
         second = make_cluster_model("id", "lab", cluster, None)
-        adaptive = make_cluster_model("id", "lab", cluster, cluster.adapt(minimum=1, maximum=2))
+        adaptive = make_cluster_model("id", "lab", cluster, cluster.adapt(minimum=1, maximum=9))
         assert cluster.resizing is not None
         await cluster.resizing
         backend = cluster.backend

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import psutil
 from distributed import Client
 from distributed.security import Security
 
-from facility.cluster.limits import Identity, WorkerRequest
+from facility.cluster.limits import Identity, WorkerRequest, clamp, limits_for, report_clamps
 from facility.cluster.security import security_from
 from facility.config import FacilityConfig
 
@@ -110,6 +110,16 @@ class ClusterBackend(ABC):
     @abstractmethod
     def scale(self, client: Client, n: int) -> dict:
         """Hold ``n`` workers (no more adapting)."""
+
+    def granted(self, minimum: int, maximum: int) -> WorkerRequest:
+        """A resize of this cluster as the owner's limits allow it (every resize goes through
+        here: notebook, sidebar, command line)."""
+        asked = replace(self.request, min_workers=minimum, max_workers=max(minimum, maximum),
+                        notes=())
+        limits, source = limits_for(self.config, self.identity)
+        granted = clamp(asked, limits, source)
+        report_clamps(granted.notes)
+        return granted
 
     async def adapt_async(self, client: Client, minimum: int, maximum: int) -> dict:
         """:meth:`adapt` from an event loop (the notebook server's) without blocking it."""

@@ -14,7 +14,6 @@ that client, scheduler and workers run the same software.
 from __future__ import annotations
 
 import re
-import sys
 import uuid
 from typing import Any
 
@@ -23,7 +22,7 @@ from distributed.core import Status
 from distributed.security import Security
 
 from facility.cluster.base import ClusterBackend, ClusterError, ClusterInfo, Owner, backend_for
-from facility.cluster.limits import Identity, WorkerRequest, clamp, limits_for
+from facility.cluster.limits import Identity, WorkerRequest, clamp, limits_for, report_clamps
 from facility.cluster.versions import check_versions
 from facility.config import FacilityConfig, load_config
 
@@ -68,21 +67,12 @@ class FacilityCluster:
 
     def adapt(self, minimum: int = 1, maximum: int | None = None) -> dict:
         """Let the cluster grow and shrink with the work, within the user's limits."""
-        granted = self._granted(minimum, maximum if maximum is not None else minimum)
+        granted = self.backend.granted(minimum, maximum if maximum is not None else minimum)
         return self.backend.adapt(self._client(), granted.min_workers, granted.max_workers)
 
     def scale(self, n: int) -> dict:
         """A fixed number of workers (stops adapting), within the user's limits."""
-        return self.backend.scale(self._client(), self._granted(n, n).max_workers)
-
-    def _granted(self, minimum: int, maximum: int) -> WorkerRequest:
-        request = self.backend.request
-        asked = WorkerRequest(minimum, max(minimum, maximum), request.threads, request.memory,
-                              request.gpus)
-        limits, source = limits_for(self.backend.config, self.backend.identity)
-        granted = clamp(asked, limits, source)
-        _report(granted.notes)
-        return granted
+        return self.backend.scale(self._client(), self.backend.granted(n, n).max_workers)
 
     def explain(self) -> str:
         """Why workers are not running (limits, local resources, pending pods and their events)."""
@@ -110,11 +100,6 @@ def cluster_name(who: Identity, name: str | None) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", base).strip("-")[:50]
 
 
-def _report(notes: tuple[str, ...]) -> None:
-    for note in notes:
-        print(f"facility: request clamped: {note}", file=sys.stderr)
-
-
 def user_backend(config: FacilityConfig, name: str | None, asked: dict[str, Any],
                  idle_timeout: float | None = None) -> ClusterBackend:
     """The backend of the current user's cluster ``name``, sized within their limits and
@@ -122,7 +107,7 @@ def user_backend(config: FacilityConfig, name: str | None, asked: dict[str, Any]
     who = Identity.current()
     limits, source = limits_for(config, who)
     request = clamp(WorkerRequest.from_config(config, **asked), limits, source)
-    _report(request.notes)
+    report_clamps(request.notes)
     return backend_for(config, cluster_name(who, name), request=request,
                        owner=Owner.this_process(), identity=who, idle_timeout=idle_timeout)
 

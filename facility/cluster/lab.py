@@ -41,7 +41,6 @@ class LabCluster:
 
     def __init__(self, *args: Any, asynchronous: bool = True, name: str | None = None,
                  **asked: Any) -> None:
-        self.config = load_config()
         self.asked = asked
         self.requested_name = name
         self.backend: ClusterBackend | None = None
@@ -56,8 +55,9 @@ class LabCluster:
 
     async def _start(self) -> LabCluster:
         loop = asyncio.get_running_loop()
+        config = await loop.run_in_executor(None, load_config)
         self.backend = await loop.run_in_executor(
-            None, user_backend, self.config, self.requested_name, self.asked)
+            None, user_backend, config, self.requested_name, self.asked)
         self.info = await loop.run_in_executor(None, self.backend.start)
         self.client = await Client(self.info.scheduler_address, security=self.backend.security,
                                    asynchronous=True, set_as_default=False)
@@ -98,13 +98,15 @@ class LabCluster:
 
     async def scale(self, n: int) -> dict:
         backend, _, client = self._parts()
-        return await backend.scale_async(client, n)
+        return await backend.scale_async(client, backend.granted(n, n).max_workers)
 
     def adapt(self, minimum: int = 0, maximum: int = 1, **options: Any) -> AdaptiveRange:
         """The sidebar does not await this; the change is sent in the background."""
         backend, _, client = self._parts()
-        self.resizing = asyncio.ensure_future(backend.adapt_async(client, minimum, maximum))
-        return AdaptiveRange(minimum, maximum)
+        granted = backend.granted(minimum, maximum)
+        self.resizing = asyncio.ensure_future(
+            backend.adapt_async(client, granted.min_workers, granted.max_workers))
+        return AdaptiveRange(granted.min_workers, granted.max_workers)
 
     async def close(self) -> None:
         backend, _, client = self._parts()

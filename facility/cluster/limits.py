@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import sys
 from dataclasses import dataclass, field, replace
 
 from dask.utils import format_bytes, parse_bytes
@@ -62,6 +63,11 @@ class WorkerRequest:
             request = replace(request, max_workers=request.min_workers)
         return request
 
+    @classmethod
+    def from_record(cls, record: dict) -> WorkerRequest:
+        """Back from the JSON a cluster's spec file keeps (``dataclasses.asdict``)."""
+        return cls(**{**record, "notes": tuple(record.get("notes", ()))})
+
     def describe(self) -> str:
         gpu = f", {self.gpus} GPU" if self.gpus else ""
         return (f"{self.min_workers}..{self.max_workers} workers of {self.threads} threads, "
@@ -70,6 +76,12 @@ class WorkerRequest:
 
 def _pick(value: int | str | None, default: int) -> int | str:
     return default if value is None else value
+
+
+def report_clamps(notes: tuple[str, ...]) -> None:
+    """Tell the user (a notebook shows stderr) what their limits cut."""
+    for note in notes:
+        print(f"facility: request clamped: {note}", file=sys.stderr)
 
 
 def limits_for(config: FacilityConfig, who: Identity) -> tuple[Limits, str]:

@@ -70,10 +70,11 @@ class LocalBackend(ClusterBackend):
         )
 
     def check_request(self) -> None:
-        if self.request.gpus and local_gpus() < self.request.gpus:
+        have = local_gpus() if self.request.gpus else 0
+        if have < self.request.gpus:
             raise ClusterError(
                 f"cluster {self.name!r}: {self.request.gpus} GPU(s) per worker asked for, but this "
-                f"machine has {local_gpus()}; ask for gpus=0 here, or use a GPU environment")
+                f"machine has {have}; ask for gpus=0 here, or use a GPU environment")
 
     def start(self) -> ClusterInfo:
         running = self.running() or self._starting_elsewhere()
@@ -182,7 +183,7 @@ def local_clusters(config: FacilityConfig) -> list[LocalBackend]:
             data = json.loads(spec.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        request = WorkerRequest(**{**data["request"], "notes": tuple(data["request"]["notes"])})
+        request = WorkerRequest.from_record(data["request"])
         found.append(LocalBackend(config, data["name"], request,
                                   identity=Identity(data.get("user", "unknown"))))
     return found
@@ -269,7 +270,7 @@ async def serve(folder: Path) -> None:
     """Run the scheduler and adaptive workers until stopped, idle, or orphaned."""
     spec = json.loads((folder / "spec.json").read_text())
     config = FacilityConfig.model_validate(spec["config"])
-    request = WorkerRequest(**{**spec["request"], "notes": tuple(spec["request"]["notes"])})
+    request = WorkerRequest.from_record(spec["request"])
     for variable, value in worker_environment(config).items():
         dask.config.set({f"distributed.nanny.pre-spawn-environ.{variable}": value})
     security = security_from(folder)
