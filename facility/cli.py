@@ -1,10 +1,11 @@
-"""The ``facility`` command: up / down / status / run / data / bench / demo."""
+"""The ``facility`` command: up / down / status / run / submit / jobs / data / bench / demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,136 @@ def cmd_clusters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """``-p NAME VALUE`` (numbers, booleans, lists as YAML) and ``-r NAME VALUE`` (kept text)."""
+    import yaml
+
+    values = {name: yaml.safe_load(value) for name, value in args.parameter or []}
+    values.update(dict(args.raw_parameter or []))
+    return values
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from facility.batch import submit
+
+    job = submit(args.path, _parameters(args), args=args.args, workers=args.workers,
+                 min_workers=args.min_workers, max_workers=args.max_workers, threads=args.threads,
+                 memory=args.memory, gpus=args.gpus, name=args.name, config=_config(args))
+    record = job.record
+    console.print(f"job {record.id} ({record.name}): {record.state}; cluster: "
+                  f"{record.describe_request()}; outputs: {record.output}", soft_wrap=True)
+    if not args.wait:
+        console.print(f"follow it with: facility jobs status {record.id}")
+        return 0
+    final = job.wait()
+    console.print(f"job {final.id}: {final.state}" + (f": {final.error}" if final.error else ""))
+    return 0 if final.state == "succeeded" else 1
+
+
+def _duration(job: Any) -> str:
+    if job.started is None:
+        return "-"
+    seconds = (job.finished or time.time()) - job.started
+    return f"{seconds:,.0f} s"
+
+
+def _print_job(job: Any) -> None:
+    from facility.batch.model import timestamp
+
+    for label, value in (("job", f"{job.id} ({job.name})"), ("user", job.user),
+                         ("state", job.state), ("input", f"{job.kind} {job.path}"),
+                         ("parameters", json.dumps(job.parameters) if job.parameters else None),
+                         ("arguments", " ".join(job.args) or None),
+                         ("cluster", job.describe_request()), ("runner", job.runner),
+                         ("submitted", timestamp(job.submitted)), ("started", timestamp(job.started)),
+                         ("finished", timestamp(job.finished)), ("ran", _duration(job)),
+                         ("exit code", job.exit_code), ("reason", job.error),
+                         ("outputs", job.output)):
+        if value is not None:
+            console.print(f"{label:>11}: {value}", markup=False, soft_wrap=True)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from facility.batch.base import runner_for
+
+    runner = runner_for(_config(args))
+    if args.action == "list":
+        table = Table("job", "name", "state", "submitted", "ran", "cluster", "exit / reason")
+        for job in runner.jobs():
+            table.add_row(str(job.id), job.name, job.state,
+                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.submitted)),
+                          _duration(job), job.describe_request(),
+                          job.error or ("" if job.exit_code is None else str(job.exit_code)))
+        Console(width=max(console.width, 160)).print(table)
+        return 0
+    if args.job is None:
+        raise LookupError(f"`facility jobs {args.action}` needs a job id; `facility jobs list` "
+                          "shows yours")
+    return JOB_ACTIONS[args.action](runner, args.job)
+
+
+def _job_status(runner: Any, job_id: int) -> int:
+    _print_job(runner.status(job_id))
+    return 0
+
+
+def _job_logs(runner: Any, job_id: int) -> int:
+    text = runner.logs(runner.status(job_id))
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def _job_cancel(runner: Any, job_id: int) -> int:
+    job, before = runner.cancel(job_id)
+    console.print(f"job {job.id}: cancelled (it was {before})" if before in ("queued", "running")
+                  else f"job {job.id} had already ended: {before}")
+    return 0
+
+
+def _job_outputs(runner: Any, job_id: int) -> int:
+    job = runner.status(job_id)
+    files = sorted(p for p in job.output_dir.rglob("*") if p.is_file()) \
+        if job.output_dir.exists() else []
+    console.print(f"{job.output_dir} ({job.state})", markup=False)
+    for path in files:
+        console.print(f"  {path.relative_to(job.output_dir)}  {path.stat().st_size:,} bytes",
+                      markup=False)
+    return 0
+
+
+JOB_ACTIONS: dict[str, Callable[[Any, int], int]] = {
+    "status": _job_status, "logs": _job_logs, "cancel": _job_cancel, "outputs": _job_outputs}
+
+
+def _submit_parser(sub: Any) -> None:
+    submit = sub.add_parser("submit", help="run a notebook or script as a batch job",
+                            description="Run a notebook (papermill) or script as a batch job "
+                                        "with a Dask cluster of its own; it outlives the "
+                                        "notebook server. Script arguments follow the path "
+                                        "(after `--` if they start with a dash).")
+    submit.add_argument("path", help="notebook (.ipynb) or script")
+    submit.add_argument("args", nargs="*", help="arguments of a script")
+    submit.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                        help="notebook parameter; the value is read as YAML (5000, true, [a, b])")
+    submit.add_argument("-r", "--raw-parameter", nargs=2, action="append",
+                        metavar=("NAME", "VALUE"), help="notebook parameter kept as text")
+    submit.add_argument("--workers", type=int, help="workers of the job's cluster (0: none)")
+    submit.add_argument("--min-workers", type=int)
+    submit.add_argument("--max-workers", type=int)
+    submit.add_argument("--threads", type=int, help="threads per worker")
+    submit.add_argument("--memory", help="memory per worker, e.g. 4GiB")
+    submit.add_argument("--gpus", type=int, help="GPUs per worker")
+    submit.add_argument("--name", help="a label for the job (default: the file name)")
+    submit.add_argument("--wait", action="store_true", help="wait for the job to end")
+    submit.set_defaults(func=cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="your batch jobs: list, status, logs, cancel, outputs")
+    jobs.add_argument("action", nargs="?", default="list",
+                      choices=["list", "status", "logs", "cancel", "outputs"])
+    jobs.add_argument("job", nargs="?", type=int, help="job id")
+    jobs.set_defaults(func=cmd_jobs)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="facility", description=__doc__)
     top.add_argument("--config", help="configuration file (default: $FACILITY_CONFIG or ./facility.yaml)")
@@ -247,6 +378,7 @@ def parser() -> argparse.ArgumentParser:
     clusters.add_argument("--all", action="store_true", help="stop all of them")
     clusters.add_argument("--all-users", action="store_true", help="every user's (operators)")
     clusters.set_defaults(func=cmd_clusters)
+    _submit_parser(sub)
     return top
 
 

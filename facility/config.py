@@ -83,15 +83,37 @@ class KubernetesConfig(_Strict):
     """How the kubernetes backend shapes the DaskCluster it asks the dask operator for."""
 
     operator: bool = Field(default=False, description="the dask-kubernetes operator is installed")
-    namespace: str = Field(default="default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str = Field(default="default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                           description="where clusters run when users share a namespace")
+    user_namespace_template: str | None = Field(
+        default=None, pattern=r"^[a-z0-9-]*\{username\}[a-z0-9-]*$",
+        description="e.g. facility-{username}: each user's server and clusters run in a namespace "
+                    "of their own (quota, limit range, network isolation); null: all share "
+                    "`namespace`")
     image: str | None = Field(default=None,
                               description="worker image; default: the notebook's JUPYTER_IMAGE_SPEC")
     scheduler_service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     forward_env: list[str] = Field(
         default_factory=lambda: ["FACILITY_*", "X509_*", "BEARER_TOKEN*", "JUPYTERHUB_USER"],
         description="environment variables (fnmatch patterns) copied from the notebook to pods")
+    secret_env: list[str] = Field(
+        default_factory=lambda: ["*TOKEN", "*SECRET", "*PASSWORD"],
+        description="forwarded variables (fnmatch patterns) whose values are secrets: they reach "
+                    "the pods through a Secret, never as plain values in a pod spec")
     gpu_node_selector: dict[str, str] = Field(default_factory=dict)
     gpu_tolerations: list[dict[str, str]] = Field(default_factory=list)
+    scheduler_priority_class: str | None = Field(
+        default=None, description="PriorityClass of schedulers (the chart creates it): a scheduler "
+                                  "holds a whole analysis and must not be preempted")
+    worker_priority_class: str | None = Field(
+        default=None, description="PriorityClass of workers (the chart creates it): workers are "
+                                  "cheap to lose, Dask reruns their tasks")
+    scheduler_node_selector: dict[str, str] = Field(
+        default_factory=dict, description="keeps schedulers on regular (not spot) nodes")
+    worker_node_selector: dict[str, str] = Field(
+        default_factory=dict, description="e.g. a spot / preemptible node pool for workers")
+    worker_tolerations: list[dict[str, str]] = Field(
+        default_factory=list, description="tolerations for the workers' (spot) node pool taints")
 
 
 class ClusterConfig(_Strict):
@@ -136,6 +158,42 @@ class ProcessingConfig(_Strict):
     )
     open_timeout: int = Field(default=30, ge=1, description="seconds to open a remote file")
     open_files_per_worker: int = Field(default=16, ge=1, description="open-file cache per worker")
+
+
+class BatchKubernetesConfig(_Strict):
+    """The pod of a batch job on Kubernetes (a DaskJob of the dask operator); its Dask cluster is
+    shaped like any cluster of ``cluster.kubernetes``."""
+
+    image: str | None = Field(default=None, description="job image; default: cluster.kubernetes.image, "
+                                                        "else the notebook's JUPYTER_IMAGE_SPEC")
+    service_account: str | None = Field(default=None,
+                                        description="service account of the job pod; null: the "
+                                                    "namespace's default")
+    cpu: float = Field(default=1.0, gt=0, description="cores of the job pod (the notebook's kernel)")
+    memory: str = Field(default="4GiB", pattern=MEMORY_PATTERN, description="memory of the job pod")
+    volumes: list[dict[str, Any]] = Field(
+        default_factory=list, description="pod volumes of the job pod, e.g. the user's home claim "
+                                          "that holds the job store and the output area")
+    volume_mounts: list[dict[str, Any]] = Field(default_factory=list,
+                                                description="where the job container mounts them")
+
+
+class BatchConfig(_Strict):
+    """Batch jobs: notebooks and scripts that run unattended with a Dask cluster of their own."""
+
+    runner: Literal["auto", "local", "kubernetes"] = Field(
+        default="auto", description="auto: kubernetes where the cluster backend is kubernetes, "
+                                    "else local (detached processes on this machine)")
+    max_running_per_user: int = Field(default=2, ge=1,
+                                      description="jobs of one user running at once; the others "
+                                                  "wait in the queue")
+    workers: int = Field(default=2, ge=0, description="workers of a job's own Dask cluster when the "
+                                                      "submission does not say; 0: no cluster")
+    kernel: str | None = Field(default=None,
+                               description="kernel of notebook jobs; null: the notebook's own")
+    cell_timeout: float | None = Field(default=None, gt=0,
+                                       description="seconds one notebook cell may run; null: no limit")
+    kubernetes: BatchKubernetesConfig = Field(default_factory=BatchKubernetesConfig)
 
 
 def _only_unique(names: list[str], items: list[Any]) -> list[Any]:
@@ -217,6 +275,13 @@ class HubConfig(_Strict):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535, description="public port (the proxy)")
+    public_url: str | None = Field(
+        default=None, pattern=r"^https?://[^/]+$",
+        description="the address users open (behind ingress / load balancer); null: http://host:port")
+    server_home: str = Field(
+        default="/home/jovyan", pattern=r"^/",
+        description="home folder of user servers on Kubernetes (the user image's HOME); their "
+                    "token file is kept under it")
     hub_port: int = Field(default=8081, ge=1, le=65535)
     proxy_api_port: int = Field(default=8001, ge=1, le=65535)
     provider_port: int = Field(default=5556, ge=1, le=65535,
@@ -287,6 +352,7 @@ class FacilityConfig(_Strict):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     processing: ProcessingConfig = Field(default_factory=ProcessingConfig)
     hub: HubConfig = Field(default_factory=HubConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
     samples: list[SampleConfig] = Field(default_factory=_default_samples)
 
     @field_validator("regions", "samples")

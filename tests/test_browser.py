@@ -16,9 +16,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from facility.batch import JobHandle
 from facility.cluster.connect import connect
 from facility.config import FacilityConfig
 from facility.embedded import facility as embedded
@@ -63,6 +65,15 @@ def start_server(page: Page, profile: str) -> None:
     page.click("text=Start")
 
 
+def run_all(page: Page, notebook_url: str) -> None:
+    """Open a notebook in JupyterLab and run all its cells."""
+    page.goto(notebook_url)
+    page.wait_for_selector(".jp-Notebook")
+    page.locator(".jp-StatusBar-TextItem", has_text="Idle").first.wait_for()
+    page.click("div.lm-MenuBar-itemLabel:text-is('Run')")
+    page.locator("li[data-command='runmenu:run-all']").click()
+
+
 def test_vo_member_runs_the_quickstart_notebook(hub: str, browser: Browser) -> None:
     page = login(browser, hub, "alice", "alice-dev")
     assert page.locator("input[value=gpu]").count() == 1  # alice is in cms/gpu
@@ -74,11 +85,7 @@ def test_vo_member_runs_the_quickstart_notebook(hub: str, browser: Browser) -> N
     start_server(page, "cpu-small")
     page.wait_for_url("**/user/alice/lab**", timeout=180_000)
 
-    page.goto(f"{hub}/user/alice/lab/tree/quickstart.ipynb")
-    page.wait_for_selector(".jp-Notebook")
-    page.locator(".jp-StatusBar-TextItem", has_text="Idle").first.wait_for()
-    page.click("div.lm-MenuBar-itemLabel:text-is('Run')")
-    page.locator("li[data-command='runmenu:run-all']").click()
+    run_all(page, f"{hub}/user/alice/lab/tree/quickstart.ipynb")
     peak = page.wait_for_selector(".jp-OutputArea-output:has-text('Z peak fitted at')", timeout=300_000)
     found = re.search(r"Z peak fitted at ([\d.]+) GeV", peak.inner_text())
     assert found
@@ -142,3 +149,70 @@ def test_a_wrong_password_stays_at_the_provider(hub: str, browser: Browser) -> N
     page = login(browser, hub, "alice", "not-her-password")
     assert "Unknown user or wrong password." in page.locator("body").inner_text()
     assert "/interaction/" in page.url
+
+
+def _server_processes(user: str) -> list[psutil.Process]:
+    """The user's notebook server and its kernels (the hub runs them as local processes)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            command = " ".join(proc.info["cmdline"] or [])
+            if ("jupyterhub-singleuser" in command or "ipykernel_launcher" in command) and \
+                    proc.environ().get("JUPYTERHUB_USER") == user:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_a_job_submitted_from_a_notebook_finishes_after_the_server_is_stopped(
+        hub: str, browser: Browser, facility_config: FacilityConfig,
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Runs last: it stops alice's server. An earlier job of alice's holds her one running slot
+    (the test configuration's limit), so the job that batch.ipynb submits is still queued when
+    the server and its kernels are gone; it starts when the earlier job ends, and finishes."""
+    import facility.batch
+    from tests.test_batch import WAIT_FOR_MARKER
+
+    monkeypatch.setenv("JUPYTERHUB_USER", "alice")
+    monkeypatch.setenv("FACILITY_CONFIG", str(facility_config.home / "facility.yaml"))
+    marker, holder_script = tmp_path / "go", tmp_path / "hold.py"
+    holder_script.write_text(WAIT_FOR_MARKER)
+    holder = facility.batch.submit(holder_script, args=[str(marker)], workers=0)
+    try:
+        _submit_from_the_notebook_and_stop_the_server(hub, browser, holder, marker)
+    finally:
+        marker.touch()  # never leave the holder waiting, whatever failed
+
+
+def _submit_from_the_notebook_and_stop_the_server(hub: str, browser: Browser, holder: JobHandle,
+                                                  marker: Path) -> None:
+    import facility.batch
+
+    page = login(browser, hub, "alice", "alice-dev")
+    if "/hub/spawn" in page.url:
+        start_server(page, "cpu-small")
+    page.wait_for_url("**/user/alice/lab**", timeout=180_000)
+    run_all(page, f"{hub}/user/alice/lab/tree/batch.ipynb?reset")  # only this notebook open
+    submitted = page.wait_for_selector(".jp-OutputArea-output:has-text('submitted job')",
+                                       timeout=180_000)
+    found = re.search(r"submitted job (\d+): queued", submitted.inner_text())
+    assert found, submitted.inner_text()
+
+    page.goto(f"{hub}/hub/home")
+    page.click("#stop")
+    page.wait_for_selector("#start:has-text('Start My Server')", timeout=120_000)
+    _gone, alive = psutil.wait_procs(_server_processes("alice"), timeout=120)
+    assert alive == []
+    assert _server_processes("alice") == []
+    submitted_job = facility.batch.job(int(found.group(1)))
+    assert (holder.state, submitted_job.state) == ("running", "queued")
+
+    marker.touch()
+    record = submitted_job.wait(timeout=300, poll=1)
+    assert record.state == "succeeded", submitted_job.logs()
+    assert holder.state == "succeeded"
+    assert {p.name for p in submitted_job.outputs()} >= {
+        "zpeak_job.ipynb", "histograms.root", "plot.png", "summary.json", "job.json", "job.log"}
+    summary = json.loads((record.output_dir / "summary.json").read_text())
+    assert abs(summary["analysis"]["fit"]["peak"] - 91.19) < 1.0

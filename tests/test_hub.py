@@ -96,7 +96,7 @@ def test_configure_fills_the_hub_from_the_facility_configuration(
     assert auth.enable_auth_state is True
     assert auth.username_claim == "preferred_username"
     assert c.JupyterHub.spawner_class is FacilityLocalSpawner
-    assert c.Spawner.environment["DASK_LABEXTENSION__FACTORY__CLASS"] == "LabCluster"
+    assert c.FacilityLocalSpawner.environment["DASK_LABEXTENSION__FACTORY__CLASS"] == "LabCluster"
     assert c.JupyterHub.services[0]["name"] == "idle-culler"
     assert "--timeout=3600" in c.JupyterHub.services[0]["command"]
 

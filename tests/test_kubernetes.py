@@ -27,7 +27,8 @@ K8S_VERSION = "1.37.0"
 NOTEBOOK_ENV = {"JUPYTER_IMAGE_SPEC": "registry.example/facility-notebook:2026.11",
                 "FACILITY_CATALOG": "/data/catalog.yaml", "X509_USER_PROXY": "/tmp/x509up_u1000",
                 "BEARER_TOKEN_FILE": "/tmp/bt", "JUPYTERHUB_USER": "alice", "HOME": "/home/alice",
-                "JUPYTERHUB_API_TOKEN": "secret-not-forwarded"}
+                "JUPYTERHUB_API_TOKEN": "secret-not-forwarded", "FACILITY_ACCESS_TOKEN": "eyJ.access",
+                "FACILITY_ACCESS_TOKEN_EXPIRES": "1790000000"}
 
 
 def crd_schema(kind: str) -> dict[str, Any]:
@@ -111,8 +112,13 @@ def test_workers_run_the_notebook_image_with_its_environment_and_tls(config: Fac
     worker = cluster["spec"]["worker"]["spec"]
     container = worker["containers"][0]
     assert container["image"] == NOTEBOOK_ENV["JUPYTER_IMAGE_SPEC"]
-    forwarded = {e["name"] for e in container["env"]}
-    assert forwarded == {"FACILITY_CATALOG", "X509_USER_PROXY", "BEARER_TOKEN_FILE", "JUPYTERHUB_USER"}
+    plain = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert set(plain) == {"FACILITY_CATALOG", "X509_USER_PROXY", "BEARER_TOKEN_FILE", "JUPYTERHUB_USER",
+                          "FACILITY_ACCESS_TOKEN_EXPIRES"}
+    from_secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert from_secret == {"FACILITY_ACCESS_TOKEN": {"name": "alice-zpeak-credentials",
+                                                     "key": "FACILITY_ACCESS_TOKEN"}}
+    assert "eyJ.access" not in yaml.safe_dump(cluster)
     assert container["resources"]["limits"] == {"cpu": "2", "memory": str(8 * 2**30)}
     assert "--tls-ca-file" in container["args"]
     assert "nodeSelector" not in worker
@@ -122,6 +128,7 @@ def test_workers_run_the_notebook_image_with_its_environment_and_tls(config: Fac
     assert base64.b64decode(secret["data"]["key.pem"]).startswith(b"-----BEGIN PRIVATE KEY")
     carried = objects["Secret/credentials"]["data"]
     assert base64.b64decode(carried["BEARER_TOKEN_FILE"]) == b"eyJ.token"
+    assert base64.b64decode(carried["FACILITY_ACCESS_TOKEN"]) == b"eyJ.access"
     mounts = {m["mountPath"]: m.get("subPath") for m in container["volumeMounts"]}
     assert mounts[str(config.home / "bt")] == "BEARER_TOKEN_FILE"
     assert mounts[str(config.home / "x509up_u1000")] == "X509_USER_PROXY"
@@ -165,3 +172,32 @@ def test_explain_pending_pods_with_their_events() -> None:
         "pod alice-zpeak-default-worker-1: event FailedScheduling: Insufficient memory",
         'pod alice-zpeak-default-worker-2: ImagePullBackOff: Back-off pulling image "registry.example/x"',
     ]
+
+
+def test_schedulers_stay_on_regular_nodes_and_workers_may_use_spot_pools(config: FacilityConfig) -> None:
+    k8s = config.cluster.kubernetes
+    k8s.scheduler_priority_class, k8s.worker_priority_class = "facility-scheduler", "facility-worker"
+    k8s.scheduler_node_selector, k8s.worker_node_selector = {"node-pool": "regular"}, {"node-pool": "spot"}
+    k8s.worker_tolerations = [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}]
+    cluster = render(config, gpus=1)["DaskCluster"]
+    jsonschema.validate(cluster, crd_schema("DaskCluster"))
+    scheduler, worker = cluster["spec"]["scheduler"], cluster["spec"]["worker"]
+    assert scheduler["spec"]["priorityClassName"] == "facility-scheduler"
+    assert scheduler["spec"]["nodeSelector"] == {"node-pool": "regular"}
+    assert "tolerations" not in scheduler["spec"]
+    assert worker["spec"]["priorityClassName"] == "facility-worker"
+    assert worker["spec"]["nodeSelector"] == {"node-pool": "spot", "nvidia.com/gpu.present": "true"}
+    assert [t["key"] for t in worker["spec"]["tolerations"]] == ["spot", "nvidia.com/gpu"]
+    assert worker["metadata"]["labels"] == scheduler["metadata"]["labels"] == {"facility.dev/user": "alice"}
+
+
+def test_user_labels_are_the_slugs_the_hub_gives_user_servers(config: FacilityConfig) -> None:
+    from kubespawner.slugs import safe_slug
+
+    backend = KubernetesBackend(config, "zpeak", request=WorkerRequest(1, 1, threads=1, memory=2**30),
+                                identity=Identity("j.doe_2", ("cms",)))
+    [cluster] = [m for m in backend.manifests(environ=NOTEBOOK_ENV) if m["kind"] == "DaskCluster"]
+    label = cluster["spec"]["worker"]["metadata"]["labels"]["facility.dev/user"]
+    assert label == safe_slug("j.doe_2", max_length=48) != "j.doe_2"
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "w", "labels": {"facility.dev/user": label}}, "spec": {"containers": []}}, K8S_VERSION)

@@ -8,13 +8,18 @@
 
 The backend comes from the configuration (local processes, or the dask-kubernetes operator).
 Requests above the user's limits are clamped with a message naming the limit; attaching checks
-that client, scheduler and workers run the same software.
+that client, scheduler and workers run the same software. Inside a batch job (``facility
+submit``) every ``connect()`` attaches to the job's own cluster, sized by the submission.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import sys
 import uuid
+from dataclasses import asdict
 from typing import Any
 
 from distributed import Client
@@ -22,7 +27,7 @@ from distributed.core import Status
 from distributed.security import Security
 
 from facility.cluster.base import ClusterBackend, ClusterError, ClusterInfo, Owner, backend_for
-from facility.cluster.limits import Identity, WorkerRequest, clamp, limits_for, report_clamps
+from facility.cluster.limits import Identity, WorkerRequest, granted_request
 from facility.cluster.versions import check_versions
 from facility.config import FacilityConfig, load_config
 
@@ -105,11 +110,35 @@ def user_backend(config: FacilityConfig, name: str | None, asked: dict[str, Any]
     """The backend of the current user's cluster ``name``, sized within their limits and
     owned by this process."""
     who = Identity.current()
-    limits, source = limits_for(config, who)
-    request = clamp(WorkerRequest.from_config(config, **asked), limits, source)
-    report_clamps(request.notes)
+    request = granted_request(config, who, **asked)
     return backend_for(config, cluster_name(who, name), request=request,
                        owner=Owner.this_process(), identity=who, idle_timeout=idle_timeout)
+
+
+JOB_CLUSTER_ENV = "FACILITY_JOB_CLUSTER"
+
+
+def job_cluster_environment(name: str, request: WorkerRequest) -> dict[str, str]:
+    """What a batch job sets so that ``connect()`` in its notebook or script finds its cluster."""
+    return {JOB_CLUSTER_ENV: json.dumps({"name": name, "request": asdict(request)})}
+
+
+def job_cluster(environ: dict[str, str] | None = None) -> tuple[str, WorkerRequest] | None:
+    """Inside a batch job: the name and granted request of the job's own cluster."""
+    raw = (os.environ if environ is None else environ).get(JOB_CLUSTER_ENV)
+    if not raw:
+        return None
+    record = json.loads(raw)
+    return record["name"], WorkerRequest.from_record(record["request"])
+
+
+def job_backend(config: FacilityConfig, name: str, request: WorkerRequest) -> ClusterBackend:
+    """The batch job's cluster: a notebook written interactively (``connect("zpeak",
+    workers=4)``) runs unchanged as a job, on the cluster its submission asked for."""
+    print(f"facility: batch job: connect() uses the job's cluster {name!r} ({request.describe()})",
+          file=sys.stderr)
+    return backend_for(config, name, request=request, owner=Owner.this_process(),
+                       identity=Identity.current(), idle_timeout=0)
 
 
 def connect(name: str | None = None, *, workers: int | None = None,
@@ -117,13 +146,15 @@ def connect(name: str | None = None, *, workers: int | None = None,
             threads: int | None = None, memory: str | None = None, gpus: int | None = None,
             idle_timeout: float | None = None, wait: bool = True,
             config: FacilityConfig | None = None) -> Client:
-    """A client on the user's cluster ``name`` (created if needed, owned by this process)."""
+    """A client on the user's cluster ``name`` (created if needed, owned by this process); inside
+    a batch job, on the job's cluster."""
     config = config or load_config()
     if workers is not None:
         min_workers = max_workers = workers
-    backend = user_backend(config, name, {"min_workers": min_workers, "max_workers": max_workers,
-                                          "threads": threads, "memory": memory, "gpus": gpus},
-                           idle_timeout)
+    in_job = job_cluster()
+    backend = job_backend(config, *in_job) if in_job else user_backend(
+        config, name, {"min_workers": min_workers, "max_workers": max_workers, "threads": threads,
+                       "memory": memory, "gpus": gpus}, idle_timeout)
     handle = FacilityCluster(backend, backend.start())
     client = Client(handle, security=handle.security, set_as_default=True, timeout=30)
     handle.client = client

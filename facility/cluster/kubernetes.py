@@ -5,7 +5,9 @@ What it asks the operator for (see :func:`manifests`):
 * a ``Secret`` with the cluster's own TLS credentials, mounted into scheduler and workers, which
   speak mutual TLS only;
 * a ``Secret`` with the files that forwarded variables name (``X509_USER_PROXY``,
-  ``BEARER_TOKEN_FILE``), mounted at the same paths;
+  ``BEARER_TOKEN_FILE``), mounted at the same paths, and the values of forwarded variables that
+  are secrets themselves (``FACILITY_ACCESS_TOKEN``), referenced from the pods' environment so
+  that a token never appears in a pod spec;
 * a ``DaskCluster`` whose scheduler and workers run the notebook's own image
   (``JUPYTER_IMAGE_SPEC``) with the notebook's forwarded environment, sized by the granted
   request, labelled with the user for the chart's NetworkPolicy, owned by the notebook pod so that
@@ -20,6 +22,7 @@ validated against the operator's CRD schemas and the Kubernetes object schemas i
 from __future__ import annotations
 
 import base64
+import contextlib
 import fnmatch
 import os
 import time
@@ -38,6 +41,15 @@ DASHBOARD_PORT = 8787
 USER_LABEL = "facility.dev/user"
 
 
+def user_label(user: str) -> str:
+    """A user's ``facility.dev/user`` value: the same slug KubeSpawner gives ``{username}`` (the
+    name itself when it is a DNS label), so that a NetworkPolicy selects a user's server and
+    their Dask pods alike."""
+    from kubespawner.slugs import safe_slug
+
+    return safe_slug(user, max_length=48)
+
+
 def forwarded_environment(patterns: list[str], environ: dict[str, str]) -> dict[str, str]:
     """The notebook's variables that workers need (credentials, facility settings)."""
     return {key: value for key, value in sorted(environ.items())
@@ -49,6 +61,21 @@ def credential_files(forwarded: dict[str, str]) -> dict[str, Path]:
     must reach the pods too, at the same path."""
     return {key: Path(value) for key, value in forwarded.items()
             if value.startswith("/") and Path(value).is_file()}
+
+
+def secret_values(patterns: list[str], forwarded: dict[str, str],
+                  files: dict[str, Path]) -> dict[str, str]:
+    """Forwarded variables whose value is a secret (a token): they travel in the credentials
+    Secret, because anyone allowed to read pods in the namespace can read a pod's plain env."""
+    return {key: value for key, value in forwarded.items()
+            if key not in files and any(fnmatch.fnmatchcase(key, p) for p in patterns)}
+
+
+def _secret_env(pod: dict, secret: str, names: list[str]) -> None:
+    for container in pod["containers"]:
+        container["env"] = [e for e in container.get("env", []) if e["name"] not in names] + [
+            {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": name}}}
+            for name in names]
 
 
 def _mount_credentials(pod: dict, secret: str, files: dict[str, Path]) -> None:
@@ -64,6 +91,18 @@ def _tls_args(role: str) -> list[str]:
     return ["--tls-ca-file", f"{TLS_MOUNT}/{FILES['ca']}", "--tls-cert", f"{TLS_MOUNT}/{FILES['cert']}",
             "--tls-key", f"{TLS_MOUNT}/{FILES['key']}"] + (["--protocol", "tls"] if role == "scheduler"
                                                           else [])
+
+
+def _place(pod: dict, priority_class: str | None, node_selector: dict[str, str],
+           tolerations: list[dict[str, str]]) -> None:
+    """Which nodes a pod may use and whom it yields to (regular nodes for schedulers, spot
+    and GPU pools for workers)."""
+    if priority_class:
+        pod["priorityClassName"] = priority_class
+    if node_selector:
+        pod["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod["tolerations"] = [dict(t) for t in tolerations]
 
 
 def _mount_tls(pod: dict, secret: str) -> None:
@@ -99,11 +138,13 @@ class KubernetesBackend(ClusterBackend):
             resources["limits"]["nvidia.com/gpu"] = str(request.gpus)
         forwarded = forwarded_environment(k8s.forward_env, env)
         files = credential_files(forwarded)
+        hidden = secret_values(k8s.secret_env, forwarded, files)
+        credentials = f"{self.name}-credentials"
         cluster = make_cluster_spec(
             self.name, image=self.image(env), n_workers=request.min_workers, env=forwarded,
             scheduler_service_type=k8s.scheduler_service_type,
             idle_timeout=int(self.idle_timeout))
-        labels = {USER_LABEL: self.identity.user, "dask.org/cluster-name": self.name}
+        labels = {USER_LABEL: user_label(self.identity.user), "dask.org/cluster-name": self.name}
         cluster["metadata"].update(namespace=k8s.namespace, labels=labels)
         if owner_pod is not None:
             cluster["metadata"]["ownerReferences"] = [{
@@ -123,20 +164,24 @@ class KubernetesBackend(ClusterBackend):
         worker["containers"][0]["resources"] = resources
         if request.gpus:
             worker["containers"][0]["args"] += ["--resources", f"GPU={request.gpus}"]
-            if k8s.gpu_node_selector:
-                worker["nodeSelector"] = dict(k8s.gpu_node_selector)
-            if k8s.gpu_tolerations:
-                worker["tolerations"] = [dict(t) for t in k8s.gpu_tolerations]
+        _place(scheduler, k8s.scheduler_priority_class, k8s.scheduler_node_selector, [])
+        _place(worker, k8s.worker_priority_class,
+               {**k8s.worker_node_selector, **(k8s.gpu_node_selector if request.gpus else {})},
+               [*k8s.worker_tolerations, *(k8s.gpu_tolerations if request.gpus else [])])
+        for role in ("scheduler", "worker"):
+            spec[role]["metadata"] = {"labels": {USER_LABEL: labels[USER_LABEL]}}
         for pod in (scheduler, worker):
             _mount_tls(pod, secret)
             if files:
-                _mount_credentials(pod, f"{self.name}-credentials", files)
+                _mount_credentials(pod, credentials, files)
+            if hidden:
+                _secret_env(pod, credentials, sorted(hidden))
         spec["scheduler"]["service"]["selector"] = {"dask.org/cluster-name": self.name,
                                                      "dask.org/component": "scheduler"}
         secrets = [self._secret(secret, labels, pem_contents(self._credentials_folder()))]
-        if files:
-            secrets.append(self._secret(f"{self.name}-credentials", labels,
-                                        {key: path.read_text() for key, path in files.items()}))
+        if files or hidden:
+            secrets.append(self._secret(credentials, labels, {
+                **{key: path.read_text() for key, path in files.items()}, **hidden}))
         return [*secrets, cluster, {
             "apiVersion": "kubernetes.dask.org/v1", "kind": "DaskAutoscaler",
             "metadata": {"name": self.name, "namespace": k8s.namespace, "labels": labels},
@@ -207,13 +252,17 @@ class KubernetesBackend(ClusterBackend):
 
     def stop(self) -> bool:
         import kr8s
+        from kr8s.objects import Secret
 
         api, stopped = self._api(), False
-        for kind, name in (("daskclusters", self.name), ("secrets", f"{self.name}-tls"),
-                           ("secrets", f"{self.name}-credentials")):
-            for obj in kr8s.get(kind, name, api=api):
-                obj.delete()
-                stopped = True
+        for obj in kr8s.get("daskclusters", self.name, api=api):
+            obj.delete()
+            stopped = True
+        # deleted by name: the users' role may create and delete Secrets but never read them
+        namespace = self.config.cluster.kubernetes.namespace
+        for name in (f"{self.name}-tls", f"{self.name}-credentials"):
+            with contextlib.suppress(kr8s.NotFoundError):
+                Secret({"metadata": {"name": name, "namespace": namespace}}, api=api).delete()
         return stopped
 
     def adapt(self, client: Any, minimum: int, maximum: int) -> dict:

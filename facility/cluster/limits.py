@@ -84,6 +84,15 @@ def report_clamps(notes: tuple[str, ...]) -> None:
         print(f"facility: request clamped: {note}", file=sys.stderr)
 
 
+def granted_request(config: FacilityConfig, who: Identity, **asked: int | str | None) -> WorkerRequest:
+    """What ``who`` gets of what they asked for (configured defaults for the rest), clamped by
+    their limits; what was cut is reported."""
+    limits, source = limits_for(config, who)
+    request = clamp(WorkerRequest.from_config(config, **asked), limits, source)
+    report_clamps(request.notes)
+    return request
+
+
 def limits_for(config: FacilityConfig, who: Identity) -> tuple[Limits, str]:
     """The limits that apply and where they come from (for messages)."""
     table = config.cluster.limits

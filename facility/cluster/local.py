@@ -35,7 +35,7 @@ from facility.cluster.base import ClusterBackend, ClusterError, ClusterInfo, clu
 from facility.cluster.limits import Identity, WorkerRequest
 from facility.cluster.security import create_credentials, security_from
 from facility.config import FacilityConfig
-from facility.embedded.services import Service, ServiceError, Supervisor, tail
+from facility.embedded.services import Service, ServiceError, Supervisor, live_process, tail
 
 OWNER_POLL_SECONDS = 0.5
 
@@ -220,13 +220,7 @@ def scheduler_spec(config: FacilityConfig, security: Security, idle_timeout: flo
 
 
 def _owner_alive(owner: dict | None) -> bool:
-    if owner is None:
-        return True
-    try:
-        proc = psutil.Process(owner["pid"])
-        return abs(proc.create_time() - owner["create_time"]) < 1.0 and proc.status() != "zombie"
-    except psutil.NoSuchProcess:
-        return False
+    return owner is None or live_process(owner) is not None
 
 
 def _scheduler(cluster: SpecCluster) -> Scheduler:

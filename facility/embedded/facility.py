@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from facility.batch.local import LocalRunner
 from facility.cluster.base import backend_for
 from facility.cluster.local import LocalBackend, local_clusters
 from facility.config import FacilityConfig
@@ -49,6 +50,8 @@ def down(config: FacilityConfig, report: Callable[[str], None] = print) -> None:
     for service in reversed(hub_services(config)):
         if supervisor.stop(service.name):
             report(f"stopped: {service.name}")
+    for job in LocalRunner(config).cancel_all("the facility was stopped"):
+        report(f"cancelled: job {job.id} of {job.user} ({job.name})")
     for cluster in local_clusters(config):
         if cluster.stop():
             report(f"stopped: Dask cluster {cluster.name}")

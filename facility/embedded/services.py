@@ -51,6 +51,18 @@ class ServiceState:
     log: Path
 
 
+def live_process(record: dict) -> psutil.Process | None:
+    """The live process a record (``pid``, ``create_time``) names: a pid reused by another
+    process, or a zombie, is not it."""
+    try:
+        proc = psutil.Process(record["pid"])
+        if abs(proc.create_time() - record["create_time"]) < 1.0 and proc.status() != "zombie":
+            return proc
+    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
+        pass
+    return None
+
+
 class Supervisor:
     """Starts, finds and stops services whose records live under one state directory."""
 
@@ -76,14 +88,10 @@ class Supervisor:
         record = self._read_record(name)
         if record is None:
             return None
-        try:
-            proc = psutil.Process(record["pid"])
-            if abs(proc.create_time() - record["create_time"]) < 1.0 and proc.status() != "zombie":
-                return proc
-        except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
-            pass
-        self._record_path(name).unlink(missing_ok=True)
-        return None
+        proc = live_process(record)
+        if proc is None:
+            self._record_path(name).unlink(missing_ok=True)
+        return proc
 
     def start(self, service: Service) -> tuple[psutil.Process, bool]:
         """Start a service unless it already runs; returns (process, started_now)."""

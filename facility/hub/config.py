@@ -1,7 +1,7 @@
 """JupyterHub's configuration, built from the facility configuration by importable Python.
 
-The embedded facility's hub and the Helm chart's hub load the same thing; the chart's
-``jupyterhub_config.py`` is two lines::
+The embedded facility's hub and the Helm chart's hub load the same thing; the hub image adds
+a two-line file to the jupyterhub chart's ``jupyterhub_config.d``::
 
     from facility.hub.config import configure
     configure(c, spawner="kubernetes")
@@ -19,8 +19,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Literal
 
+from facility.cluster.kubernetes import USER_LABEL
 from facility.cluster.lab import LABEXTENSION_ENV
-from facility.config import FacilityConfig, VOConfig, load_config
+from facility.config import CONFIG_ENV, FacilityConfig, VOConfig, load_config
 from facility.hub.authenticator import VOAuthenticator
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
@@ -64,24 +65,63 @@ def groups_environment(spawner: Any) -> str:
     return ",".join(sorted(group.name for group in spawner.user.groups))
 
 
+def public_url(config: FacilityConfig) -> str:
+    """The address users open; the identity provider sends them back to it."""
+    hub = config.hub
+    return hub.public_url or f"http://{hub.host}:{hub.port}"
+
+
+def _extend(section: Any, key: str, value: dict | list) -> None:
+    """Add to what is already configured (on Kubernetes, by the jupyterhub chart's own hub
+    configuration) instead of replacing it."""
+    current: Any = section[key] if key in section else type(value)()
+    section[key] = {**current, **value} if isinstance(value, dict) else [*current, *value]
+
+
 def configure(c: Any, config: FacilityConfig | None = None, *,
               spawner: Literal["local", "kubernetes"] = "local",
               config_file: Path | None = None, environ: dict[str, str] | None = None) -> None:
-    """Fill JupyterHub's traitlets config ``c`` from the facility configuration."""
+    """Fill JupyterHub's traitlets config ``c`` from the facility configuration.
+
+    ``local``: the whole hub of the embedded facility (ports, proxy, database, local spawner).
+    ``kubernetes``: loaded by the jupyterhub chart's hub after its own configuration, which
+    keeps owning networking, proxy, database and KubeSpawner's pod settings; this adds the VO
+    login, the roles, the user environment, the profiles and the idle culler.
+    """
     env = os.environ if environ is None else environ
     config = config or load_config(config_file)
-    hub, vo = config.hub, config.hub.vo
-    public = f"http://{hub.host}:{hub.port}"
-    c.JupyterHub.bind_url = public
-    c.JupyterHub.hub_ip = "127.0.0.1" if spawner == "local" else "0.0.0.0"
+    if spawner == "local":
+        _embedded_hub(c, config)
+    _authenticator(c, config, env)
+    _extend(c.JupyterHub, "load_roles", [
+        # users, and their servers' tokens, may read their own auth state (their own tokens):
+        # that is how a server renews its token file (a token never has more rights than its owner)
+        {"name": "user", "scopes": ["self", "admin:auth_state!user"]},
+        {"name": "server", "scopes": SERVER_SCOPES},
+        {"name": "idle-culler", "scopes": CULLER_SCOPES, "services": ["idle-culler"]}])
+    _extend(c.JupyterHub, "services", [{"name": "idle-culler", "command": [
+        sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={config.hub.idle_culler_timeout}"]}])
+    if spawner == "kubernetes":
+        _kube_spawner(c, config)
+    else:
+        _local_spawner(c, config, config_file)
+
+
+def _embedded_hub(c: Any, config: FacilityConfig) -> None:
+    hub = config.hub
+    c.JupyterHub.bind_url = public_url(config)
+    c.JupyterHub.hub_ip = "127.0.0.1"
     c.JupyterHub.hub_port = hub.hub_port
-    # the proxy runs as its own service (a pod on Kubernetes, a process here) and outlives hub
-    # restarts; both read its token from CONFIGPROXY_AUTH_TOKEN
+    # the proxy runs as its own service and outlives hub restarts; both read its token from
+    # CONFIGPROXY_AUTH_TOKEN
     c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{hub.proxy_api_port}"
     c.ConfigurableHTTPProxy.should_start = False
     c.JupyterHub.cookie_secret_file = str(config.state_path / "hub" / "cookie_secret")
     c.JupyterHub.db_url = f"sqlite:///{config.state_path / 'hub' / 'jupyterhub.sqlite'}"
 
+
+def _authenticator(c: Any, config: FacilityConfig, env: Any) -> None:
+    hub, vo = config.hub, config.hub.vo
     c.JupyterHub.authenticator_class = VOAuthenticator
     auth = c.VOAuthenticator
     for key, value in endpoints(vo, issuer_url(config)).items():
@@ -92,7 +132,7 @@ def configure(c: Any, config: FacilityConfig | None = None, *,
     if not secret:
         raise HubConfigError(f"the OpenID client secret is not set: export {vo.client_secret_env}")
     auth.client_secret = secret
-    auth.oauth_callback_url = f"{public}/hub/oauth_callback"
+    auth.oauth_callback_url = f"{public_url(config)}/hub/oauth_callback"
     auth.scope = list(vo.scopes)
     auth.username_claim = vo.username_claim
     auth.group_claims = list(vo.group_claims)
@@ -103,42 +143,52 @@ def configure(c: Any, config: FacilityConfig | None = None, *,
     auth.refresh_pre_spawn = True
     auth.refresh_margin = hub.token_refresh_seconds
     auth.auth_refresh_age = max(1, min(60, hub.token_refresh_seconds // 4))
-    # users, and their servers' tokens, may read their own auth state (their own tokens): that is
-    # how a server renews its token file (a token never has more rights than its owner)
-    c.JupyterHub.load_roles = [{"name": "user", "scopes": ["self", "admin:auth_state!user"]},
-                               {"name": "server", "scopes": SERVER_SCOPES}]
-
-    c.Spawner.default_url = "/lab"
-    c.Spawner.environment = {**LABEXTENSION_ENV, "FACILITY_GROUPS": groups_environment,
-                             "FACILITY_TOKEN_POLL_SECONDS": str(hub.token_poll_seconds)}
-    c.Spawner.args = ["--ServerApp.jpserver_extensions", "facility.hub.tokens=True"]
-    _spawner(c, config, spawner, config_file)
-
-    c.JupyterHub.services = [{"name": "idle-culler", "command": [
-        sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={hub.idle_culler_timeout}"]}]
-    c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, {
-        "name": "idle-culler", "scopes": CULLER_SCOPES, "services": ["idle-culler"]}]
 
 
-def _spawner(c: Any, config: FacilityConfig, spawner: str, config_file: Path | None) -> None:
-    if spawner == "kubernetes":
-        from facility.hub.profiles import kubespawner_profiles
-        from facility.hub.spawner import user_groups
+def _user_server(section: Any, config: FacilityConfig) -> None:
+    """What every user server gets, whichever spawner starts it."""
+    section.default_url = "/lab"
+    _extend(section, "environment", {
+        **LABEXTENSION_ENV, "FACILITY_GROUPS": groups_environment,
+        "FACILITY_TOKEN_POLL_SECONDS": str(config.hub.token_poll_seconds)})
+    _extend(section, "args", ["--ServerApp.jpserver_extensions", "facility.hub.tokens=True"])
 
-        c.JupyterHub.spawner_class = "kubespawner.KubeSpawner"
-        c.KubeSpawner.profile_list = lambda s: kubespawner_profiles(config.hub, user_groups(s))
-        return
+
+def _kube_spawner(c: Any, config: FacilityConfig) -> None:
+    from facility.hub.profiles import kubespawner_profiles
+    from facility.hub.spawner import user_groups
+
+    c.JupyterHub.spawner_class = "kubespawner.KubeSpawner"
+    spawner = c.KubeSpawner
+    # FACILITY_CONFIG of user servers is the chart's: the ConfigMap mounted in their namespace
+    _user_server(spawner, config)
+    _extend(spawner, "environment", {
+        "BEARER_TOKEN_FILE": f"{config.hub.server_home.rstrip('/')}/{TOKEN_FILE}"})
+    # the label the chart's NetworkPolicies and the cluster manifests select a user's pods by
+    _extend(spawner, "extra_labels", {USER_LABEL: "{username}"})
+    spawner.profile_list = lambda s: kubespawner_profiles(config.hub, user_groups(s))
+    template = config.cluster.kubernetes.user_namespace_template
+    if template:
+        spawner.enable_user_namespaces = True
+        spawner.user_namespace_template = template
+        _extend(spawner, "environment", {
+            "FACILITY_CLUSTER__KUBERNETES__NAMESPACE": lambda s: s.namespace})
+
+
+def _local_spawner(c: Any, config: FacilityConfig, config_file: Path | None) -> None:
     from facility.hub.spawner import FacilityLocalSpawner
 
     c.JupyterHub.spawner_class = FacilityLocalSpawner
-    c.FacilityLocalSpawner.home_dir_template = str(config.state_path / "hub" / "users" / "{username}")
-    c.FacilityLocalSpawner.facility_config_file = str(config_file or "")
+    spawner = c.FacilityLocalSpawner
+    _user_server(spawner, config)
+    _extend(spawner, "environment", {
+        CONFIG_ENV: str(config_file or os.environ.get(CONFIG_ENV, ""))})
+    spawner.home_dir_template = str(config.state_path / "hub" / "users" / "{username}")
+    spawner.facility_config_file = str(config_file or "")
     if config.hub.notebooks_dir is not None:
-        c.FacilityLocalSpawner.notebooks_dir = str(config.path(config.hub.notebooks_dir))
-    c.Spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
-    c.Spawner.environment = {**c.Spawner.environment,
-                             "BEARER_TOKEN_FILE": lambda s: str(Path(s.home_dir) / TOKEN_FILE)}
+        spawner.notebooks_dir = str(config.path(config.hub.notebooks_dir))
+    spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
+    _extend(spawner, "environment", {
+        "BEARER_TOKEN_FILE": lambda s: str(Path(s.home_dir) / TOKEN_FILE)})
     if os.geteuid() == 0:  # the embedded facility runs every server as the account running it
-        c.Spawner.args = [*c.Spawner.args, "--ServerApp.allow_root=True"]
-    c.Spawner.environment = {**c.Spawner.environment,
-                             "FACILITY_CONFIG": str(config_file or os.environ.get("FACILITY_CONFIG", ""))}
+        _extend(spawner, "args", ["--ServerApp.allow_root=True"])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from facility.config import FacilityConfig
 from facility.embedded.services import Service, port_open
-from facility.hub.config import issuer_url
+from facility.hub.config import issuer_url, public_url
 
 PROVIDER_DIR = Path(__file__).parent / "provider"
 NODE_MODULES = PROVIDER_DIR / "node_modules"
@@ -80,7 +80,7 @@ def write_provider_settings(config: FacilityConfig) -> Path:
         "access_token_seconds": hub.access_token_seconds,
         "clients": [{
             "client_id": hub.vo.client_id, "client_secret": hub_secrets(config)["client_secret"],
-            "redirect_uris": [f"http://{hub.host}:{hub.port}/hub/oauth_callback"],
+            "redirect_uris": [f"{public_url(config)}/hub/oauth_callback"],
             "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
             "token_endpoint_auth_method": "client_secret_basic",
         }],

@@ -26,6 +26,7 @@ from distributed.client import FutureCancelledError
 from distributed.scheduler import KilledWorker
 
 from facility.cluster.base import backend_for
+from facility.cluster.connect import connect, job_cluster
 from facility.config import FacilityConfig, load_config
 from facility.data.catalog import Dataset, load_catalog, rank_replicas
 from facility.processing.chunks import Chunk, FileInfo, FileTask, plan_chunks
@@ -271,8 +272,11 @@ def _as_processor(processor: ProcessorABC | str) -> ProcessorABC:
 
 
 def _client_for(config: FacilityConfig, client: Client | None) -> tuple[Client, bool]:
+    """The given client, else the batch job's own cluster inside a job, else the facility's."""
     if client is not None:
         return client, False
+    if job_cluster() is not None:
+        return connect(config=config), True
     backend = backend_for(config)
     new = backend.client()
     backend.wait_for_workers(new, max(1, config.cluster.min_workers))

@@ -1,0 +1,1 @@
+"""Deployment tooling: the Helm chart's schema and rendering."""

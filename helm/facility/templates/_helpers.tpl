@@ -1,0 +1,42 @@
+{{/* Labels every object of the facility carries. */}}
+{{- define "facility.labels" -}}
+app.kubernetes.io/name: facility
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end }}
+
+{{/* Per-user namespaces are on when the facility configuration names a template for them. */}}
+{{- define "facility.userNamespaceTemplate" -}}
+{{- .Values.facility.cluster.kubernetes.user_namespace_template | default "" -}}
+{{- end }}
+
+{{/* The namespaces users' servers and clusters run in, one per line: each user's own, or the
+     release namespace that all share. */}}
+{{- define "facility.userNamespaces" -}}
+{{- $template := include "facility.userNamespaceTemplate" . -}}
+{{- if $template -}}
+{{- range .Values.users }}
+{{ replace "{username}" . $template }}
+{{- end }}
+{{- else }}
+{{ .Release.Namespace }}
+{{- end }}
+{{- end }}
+
+{{/* The facility configuration as seen in one namespace (its clusters run there). */}}
+{{- define "facility.configFor" -}}
+{{- $ := index . 0 -}}
+{{- $namespace := index . 1 -}}
+{{- $hub := $.Values.facility.hub | default dict -}}
+{{- $vo := $hub.vo | default dict -}}
+{{- $_ := required "facility.hub.vo.issuer: set the VO's OpenID issuer URL (the hub signs users in there)" $vo.issuer -}}
+{{- $_ := required "facility.hub.public_url: set the address users open, e.g. https://hub.example.org" $hub.public_url -}}
+{{- $pinned := dict "cluster" (dict "kubernetes" (dict "namespace" $namespace)) -}}
+{{- toYaml (mergeOverwrite (deepCopy $.Values.facility) $pinned) -}}
+{{- end }}
+
+{{- define "facility.operatorNamespace" -}}
+{{- .Values.networkPolicy.operatorNamespace | default .Release.Namespace -}}
+{{- end }}

@@ -1,0 +1,413 @@
+"""Batch jobs with real processes: notebooks through papermill, scripts, detached job processes
+that outlive their submitter, the per-user queue, cancellation, failure reports, who sees what,
+and the Kubernetes DaskJob validated against the operator's CRD and the Kubernetes schemas.
+
+Each test submits as a user of its own (``JUPYTERHUB_USER``), so that the per-user limit of the
+test configuration (one running job) is each test's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import nbformat
+import psutil
+import pytest
+
+import facility
+from facility.batch import JobAccessError, JobHandle, JobInputError, job, jobs
+from facility.batch.base import runner_for
+from facility.batch.kubernetes import KubernetesRunner
+from facility.batch.model import Job
+from facility.cli import main
+from facility.cluster.base import cluster_folder
+from facility.cluster.limits import WorkerRequest
+from facility.cluster.local import LocalBackend
+from facility.config import FacilityConfig, load_config
+from tests.test_kubernetes import NOTEBOOK_ENV, crd_schema, pod, validate_k8s
+
+pytestmark = pytest.mark.integration
+WAIT = 180.0
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def notebook(path: Path, parameters: str | None, *cells: str) -> Path:
+    """A notebook file: an optional ``parameters`` cell, then the given code cells."""
+    book = nbformat.v4.new_notebook()
+    if parameters is not None:
+        tagged = nbformat.v4.new_code_cell(parameters)
+        tagged.metadata["tags"] = ["parameters"]
+        book.cells.append(tagged)
+    book.cells += [nbformat.v4.new_code_cell(source) for source in cells]
+    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    book.metadata["language_info"] = {"name": "python"}
+    nbformat.write(book, path)
+    return path
+
+
+WAIT_FOR_MARKER = """
+import os, sys, time
+marker = sys.argv[1]
+while not os.path.exists(marker):
+    time.sleep(0.1)
+with open(os.path.join(os.environ["FACILITY_JOB_OUTPUT"], "args.txt"), "w") as out:
+    out.write(" ".join(sys.argv[2:]))
+"""
+
+
+@pytest.fixture
+def as_user(monkeypatch: pytest.MonkeyPatch, facility_config: FacilityConfig) -> Callable[[str], None]:
+    """Submit and look as the given user (the hub sets JUPYTERHUB_USER in notebooks)."""
+    monkeypatch.setenv("FACILITY_CONFIG", str(facility_config.home / "facility.yaml"))
+
+    def become(user: str) -> None:
+        monkeypatch.setenv("JUPYTERHUB_USER", user)
+
+    return become
+
+
+@pytest.fixture
+def marker_script(tmp_path: Path) -> Path:
+    script = tmp_path / "wait_for_marker.py"
+    script.write_text(WAIT_FOR_MARKER)
+    return script
+
+
+def ended(handle: JobHandle) -> Job:
+    record = handle.wait(timeout=WAIT, poll=0.5)
+    assert record.state in ("succeeded", "failed", "cancelled"), f"job {record.id} is {record.state}"
+    return record
+
+
+def wait_until(predicate: Callable[[], Any], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.2)
+
+
+def cli(config: FacilityConfig, *argv: str) -> int:
+    return main(["--config", str(config.home / "facility.yaml"), *argv])
+
+
+def test_a_notebook_runs_with_its_parameters_on_its_own_cluster(
+        facility_config: FacilityConfig, as_user: Callable[[str], None], tmp_path: Path) -> None:
+    as_user("nb-user")
+    path = notebook(tmp_path / "analysis.ipynb", "factor = 1\nlabel = 'default'", (
+        "import json, os\n"
+        "import facility\n"
+        "from facility.batch import output_folder\n"
+        "client = facility.connect('interactive-name', workers=3)\n"
+        "total = client.submit(sum, [factor, 2]).result()\n"
+        "(output_folder() / 'result.json').write_text(json.dumps({\n"
+        "    'cluster': client.cluster.name, 'total': total, 'label': label,\n"
+        "    'cwd': os.getcwd()}))"))
+    handle = facility.submit(path, {"factor": 40, "label": "zpeak"}, workers=1)
+    record = ended(handle)
+    assert record.state == "succeeded", handle.logs()
+    assert record.exit_code == 0
+    result = json.loads((record.output_dir / "result.json").read_text())
+    assert result == {"cluster": f"nb-user-job-{record.id}", "total": 42, "label": "zpeak",
+                      "cwd": str(tmp_path)}
+    executed = nbformat.read(record.output_dir / "analysis.ipynb", as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    summary = json.loads((record.output_dir / "job.json").read_text())
+    assert summary["state"] == "succeeded"
+    assert set(summary["outputs"]) >= {"analysis.ipynb", "job.log", "result.json"}
+    assert {p.name for p in handle.outputs()} >= {"analysis.ipynb", "job.json", "job.log", "result.json"}
+    cluster = LocalBackend(facility_config, f"nb-user-job-{record.id}")
+    assert cluster.running() is None
+    assert not cluster_folder(facility_config, cluster.name).exists()
+
+
+SUBMITTER = """
+import sys
+import facility
+job = facility.submit(sys.argv[1], args=sys.argv[2:], workers=0)
+print(job.id, flush=True)
+"""
+
+
+def test_a_job_outlives_the_process_that_submitted_it(
+        facility_config: FacilityConfig, as_user: Callable[[str], None], marker_script: Path,
+        tmp_path: Path) -> None:
+    as_user("script-user")
+    marker = tmp_path / "go"
+    submitter = subprocess.run([sys.executable, "-c", SUBMITTER, str(marker_script), str(marker),
+                                "all", "datasets"], capture_output=True, text=True, timeout=120,
+                               env=dict(os.environ), check=True)
+    handle = job(int(submitter.stdout.split()[-1]))
+    assert handle.state == "running"
+    process = psutil.Process(handle.record.handle["pid"])
+    assert process.is_running()
+    assert process.ppid() != os.getpid()
+    assert os.getsid(process.pid) == process.pid  # a session of its own
+    marker.touch()
+    record = ended(handle)
+    assert record.state == "succeeded", handle.logs()
+    assert (record.output_dir / "args.txt").read_text() == "all datasets"
+
+
+def test_cancel_stops_the_job_its_kernel_and_its_cluster(
+        facility_config: FacilityConfig, as_user: Callable[[str], None], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    as_user("cancel-user")
+    path = notebook(tmp_path / "forever.ipynb", None, (
+        "import json, os, time\n"
+        "import facility\n"
+        "from facility.batch import output_folder\n"
+        "client = facility.connect()\n"
+        "pids = [os.getpid(), client.run_on_scheduler(os.getpid), *client.run(os.getpid).values()]\n"
+        "(output_folder() / 'pids.json').write_text(json.dumps(pids))\n"
+        "while True:\n"
+        "    time.sleep(0.2)"))
+    handle = facility.submit(path, workers=1)
+    pids_file = handle.output_dir / "pids.json"
+    wait_until(pids_file.exists, "the notebook reported its processes")
+    job_process = psutil.Process(handle.record.handle["pid"])
+    processes = [job_process, *(psutil.Process(pid) for pid in json.loads(pids_file.read_text()))]
+    cluster = LocalBackend(facility_config, f"cancel-user-job-{handle.id}")
+    assert cluster.running() is not None
+
+    assert cli(facility_config, "jobs", "cancel", str(handle.id)) == 0
+    assert f"job {handle.id}: cancelled (it was running)" in capsys.readouterr().out
+    _gone, alive = psutil.wait_procs(processes, timeout=60)
+    assert alive == []
+    assert handle.state == "cancelled"
+    assert handle.record.error == "cancelled by cancel-user"
+    assert cluster.running() is None
+    assert cli(facility_config, "jobs", "cancel", str(handle.id)) == 0
+    assert f"job {handle.id} had already ended: cancelled" in capsys.readouterr().out
+
+
+def test_a_failing_cell_fails_the_job_and_its_logs_show_the_cell(
+        facility_config: FacilityConfig, as_user: Callable[[str], None], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    as_user("failing-user")
+    path = notebook(tmp_path / "broken.ipynb", "events = 10", "empty = 0",
+                    "rate = events / empty  # the broken line", "print('never reached')")
+    handle = facility.submit(path, {"events": 20}, workers=0)
+    record = ended(handle)
+    assert record.state == "failed"
+    assert record.exit_code == 1
+    assert record.error == "In [4] raised ZeroDivisionError: division by zero"
+    assert cli(facility_config, "jobs", "logs", str(record.id)) == 0
+    logs = capsys.readouterr().out
+    assert "--- the failing cell, In [4]" in logs
+    assert "    rate = events / empty  # the broken line" in logs
+    assert "ZeroDivisionError" in logs
+    assert "----> 1 rate = events / empty" in logs
+    assert "never reached" not in logs
+    failure = json.loads((record.output_dir / "job.json").read_text())["failure"]
+    assert failure["source"] == "rate = events / empty  # the broken line"
+    assert (record.output_dir / "broken.ipynb").exists()  # executed up to the failure
+
+
+def test_bad_input_is_refused_naming_the_culprit(
+        facility_config: FacilityConfig, as_user: Callable[[str], None], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    as_user("careless-user")
+    path = notebook(tmp_path / "zpeak.ipynb", "dataset = 'DY'\nchunk_size = 5000", "print(dataset)")
+    missing = tmp_path / "zpaek.ipynb"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no notebook or script {missing}")):
+        facility.submit(missing)
+    with pytest.raises(JobInputError, match=r"unknown parameter 'chunksize' \(did you mean "
+                                            r"'chunk_size'\?\) for zpeak\.ipynb; its parameters: "
+                                            r"dataset, chunk_size"):
+        facility.submit(path, {"dataset": "DY", "chunksize": 100})
+    bare = notebook(tmp_path / "bare.ipynb", None, "print(1)")
+    with pytest.raises(JobInputError, match=r"bare\.ipynb has no cell tagged 'parameters'"):
+        facility.submit(bare, {"dataset": "DY"})
+    with pytest.raises(JobInputError, match=r"zpeak\.ipynb is a notebook: give it parameters"):
+        facility.submit(path, args=["--fast"])
+    assert cli(facility_config, "submit", str(path), "-p", "datset", "DY") == 2
+    assert "unknown parameter 'datset' (did you mean 'dataset'?)" in capsys.readouterr().err
+    assert jobs() == []
+
+
+def test_a_second_job_waits_for_a_free_slot_then_runs(
+        facility_config: FacilityConfig, as_user: Callable[[str], None], marker_script: Path,
+        tmp_path: Path) -> None:
+    as_user("queue-user")
+    marker = tmp_path / "first-may-end"
+    first = facility.submit(marker_script, args=[str(marker), "first"], workers=0)
+    second = facility.submit(marker_script, args=[str(tmp_path), "second"], workers=0)
+    assert (first.state, second.state) == ("running", "queued")
+    marker.touch()
+    done = ended(second)
+    assert done.state == "succeeded", second.logs()
+    assert first.refresh().state == "succeeded"
+    assert done.started is not None
+    assert first.record.finished is not None
+    assert done.started >= first.record.finished
+    assert (done.output_dir / "args.txt").read_text() == "second"
+    assert [j.id for j in jobs()] == [first.id, second.id]
+
+
+def test_a_job_killed_behind_the_facilitys_back_is_reported_failed(
+        facility_config: FacilityConfig, as_user: Callable[[str], None], marker_script: Path,
+        tmp_path: Path) -> None:
+    as_user("unlucky-user")
+    handle = facility.submit(marker_script, args=[str(tmp_path / "never")], workers=0)
+    process = psutil.Process(handle.record.handle["pid"])
+    os.killpg(process.pid, signal.SIGKILL)
+    psutil.wait_procs([process], timeout=30)
+    assert handle.state == "failed"
+    assert f"the job process (pid {process.pid}) ended without recording how" in str(
+        handle.record.error)
+
+
+def test_users_see_and_cancel_only_their_own_jobs(
+        facility_config: FacilityConfig, as_user: Callable[[str], None], marker_script: Path,
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    as_user("owner-user")
+    marker = tmp_path / "done"
+    handle = facility.submit(marker_script, args=[str(marker)], workers=0)
+    as_user("other-user")
+    assert jobs() == []
+    with pytest.raises(JobAccessError, match=f"job {handle.id} is not a job of user 'other-user'"):
+        job(handle.id)
+    assert cli(facility_config, "jobs", "cancel", str(handle.id)) == 2
+    assert f"job {handle.id} is not a job of user 'other-user'" in capsys.readouterr().err
+    assert cli(facility_config, "jobs", "logs", "999999") == 2
+    assert "no job 999999" in capsys.readouterr().err
+    as_user("owner-user")
+    assert handle.state == "running"
+    marker.touch()
+    assert ended(handle).state == "succeeded"
+
+
+def test_the_batch_notebook_submits_the_zpeak_job_and_collects_its_outputs(
+        facility_config: FacilityConfig, as_user: Callable[[str], None], tmp_path: Path) -> None:
+    as_user("example-user")
+    subprocess.run([sys.executable, "-m", "papermill", str(NOTEBOOKS / "batch.ipynb"),
+                    str(tmp_path / "batch.ipynb"), "--cwd", str(NOTEBOOKS), "--no-progress-bar"],
+                   check=True, capture_output=True, timeout=600, env=dict(os.environ))
+    [handle] = jobs()
+    record = handle.record
+    assert record.state == "succeeded"
+    assert record.path == str(NOTEBOOKS / "zpeak_job.ipynb")
+    assert {p.name for p in handle.outputs()} >= {
+        "zpeak_job.ipynb", "histograms.root", "plot.png", "summary.json", "job.json", "job.log"}
+    executed = nbformat.read(tmp_path / "batch.ipynb", as_version=4)
+    printed = "".join(output.get("text", "") for cell in executed.cells
+                      for output in cell.get("outputs", []))
+    found = re.search(r"Z peak fitted at ([\d.]+) GeV", printed)
+    assert found, printed
+    assert abs(float(found.group(1)) - 91.19) < 1.0
+
+
+# -- Kubernetes: the DaskJob, rendered and validated ---------------------------------------------
+
+
+@pytest.fixture
+def k8s_config(tmp_path: Path) -> FacilityConfig:
+    (tmp_path / "facility.yaml").write_text("""
+home: .
+cluster:
+  backend: kubernetes
+  kubernetes: {operator: true, namespace: analysis}
+batch:
+  kubernetes:
+    service_account: facility-user
+    cpu: 2
+    memory: 6GiB
+    volumes: [{name: home, persistentVolumeClaim: {claimName: claim-alice}}]
+    volume_mounts: [{name: home, mountPath: /home/jovyan}]
+""")
+    return load_config(tmp_path / "facility.yaml", environ={})
+
+
+def daskjob_manifests(config: FacilityConfig, workers: int) -> dict[str, dict[str, Any]]:
+    request = WorkerRequest(workers, workers, threads=2, memory=8 * 2**30) if workers else None
+    record = Job(id=7, user="alice", kind="notebook", path="/home/jovyan/zpeak_job.ipynb",
+                 parameters={"dataset": "DY"}, args=[], request=request, runner="kubernetes",
+                 name="zpeak", state="running", submitted=time.time(),
+                 output="/home/jovyan/output/alice/jobs/7")
+    token = config.home / "bt"
+    token.write_text("eyJ.token")
+    environ = {**NOTEBOOK_ENV, "BEARER_TOKEN_FILE": str(token), "X509_USER_PROXY": "/nonexistent"}
+    manifests = KubernetesRunner(config).manifests(record, environ=environ)
+    return {m["kind"] + ("/credentials" if m["metadata"]["name"].endswith("-credentials") else ""): m
+            for m in manifests}
+
+
+@pytest.mark.parametrize("workers", [3, 0])
+def test_the_daskjob_validates_against_the_crd_and_kubernetes_schemas(
+        k8s_config: FacilityConfig, workers: int) -> None:
+    objects = daskjob_manifests(k8s_config, workers)
+    assert list(objects) == ["Secret", "Secret/credentials", "DaskJob"]
+    daskjob = objects["DaskJob"]
+    jsonschema.validate(daskjob, crd_schema("DaskJob"))
+    for secret in ("Secret", "Secret/credentials"):
+        validate_k8s(objects[secret])
+    validate_k8s(pod(daskjob["spec"]["job"]["spec"], "alice-job-7-runner"))
+    cluster = daskjob["spec"]["cluster"]["spec"]
+    validate_k8s(pod(cluster["scheduler"]["spec"], "scheduler"))
+    validate_k8s(pod(cluster["worker"]["spec"], "worker"))
+    assert cluster["worker"]["replicas"] == workers
+
+
+def test_the_job_pod_runs_the_job_in_the_user_image_with_the_users_credentials(
+        k8s_config: FacilityConfig) -> None:
+    daskjob = daskjob_manifests(k8s_config, 3)["DaskJob"]
+    assert daskjob["metadata"]["name"] == "alice-job-7"
+    assert daskjob["metadata"]["namespace"] == "analysis"
+    assert daskjob["metadata"]["labels"] == {"facility.dev/user": "alice", "facility.dev/job": "7"}
+    job_pod = daskjob["spec"]["job"]["spec"]
+    assert job_pod["serviceAccountName"] == "facility-user"
+    assert job_pod["restartPolicy"] == "Never"
+    [container] = job_pod["containers"]
+    assert container["image"] == NOTEBOOK_ENV["JUPYTER_IMAGE_SPEC"]
+    assert container["args"] == ["python", "-m", "facility.batch.job", "7"]
+    assert container["resources"] == {"requests": {"cpu": "2.0", "memory": str(6 * 2**30)},
+                                      "limits": {"memory": str(6 * 2**30)}}
+    assert "readinessProbe" not in container
+    assert "ports" not in container
+    env = {e["name"]: e for e in container["env"]}
+    assert env["JUPYTERHUB_USER"]["value"] == "alice"
+    assert env["DASK_SCHEDULER_ADDRESS"]["value"] == "tls://alice-job-7-scheduler.analysis:8786"
+    assert "JUPYTERHUB_API_TOKEN" not in env
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts[str(cluster_folder(k8s_config, "alice-job-7"))]["name"] == "tls"
+    assert mounts[str(k8s_config.home / "bt")]["subPath"] == "BEARER_TOKEN_FILE"
+    assert mounts["/home/jovyan"]["name"] == "home"
+    assert {"name": "home", "persistentVolumeClaim": {"claimName": "claim-alice"}} in job_pod["volumes"]
+    workers = daskjob["spec"]["cluster"]["spec"]["worker"]["spec"]["containers"][0]
+    assert workers["image"] == container["image"]
+    assert workers["resources"]["limits"] == {"cpu": "2", "memory": str(8 * 2**30)}
+
+
+def test_the_runner_follows_the_cluster_backend(k8s_config: FacilityConfig,
+                                                facility_config: FacilityConfig) -> None:
+    assert runner_for(k8s_config).runner_name == "kubernetes"
+    assert runner_for(facility_config).runner_name == "local"
+
+
+def test_stopping_the_facility_cancels_every_users_jobs(
+        facility_config: FacilityConfig, as_user: Callable[[str], None], marker_script: Path,
+        tmp_path: Path) -> None:
+    as_user("stopping-user")
+    running = facility.submit(marker_script, args=[str(tmp_path / "never")], workers=0)
+    queued = facility.submit(marker_script, args=[str(tmp_path / "never")], workers=0)
+    wait_until(lambda: running.record.handle, "the first job recorded its process")
+    process = psutil.Process(running.record.handle["pid"])
+
+    cancelled = runner_for(facility_config).cancel_all("the facility was stopped")
+    assert [j.id for j in cancelled] == [queued.id, running.id]
+    _gone, alive = psutil.wait_procs([process], timeout=60)
+    assert alive == []
+    assert (running.state, queued.state) == ("cancelled", "cancelled")
+    assert running.record.error == "the facility was stopped"
+    assert runner_for(facility_config).cancel_all("again") == []
