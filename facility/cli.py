@@ -205,7 +205,14 @@ def _parameters(args: argparse.Namespace) -> dict[str, Any]:
     """``-p NAME VALUE`` (numbers, booleans, lists as YAML) and ``-r NAME VALUE`` (kept text)."""
     import yaml
 
-    values = {name: yaml.safe_load(value) for name, value in args.parameter or []}
+    values = {}
+    for name, value in args.parameter or []:
+        try:
+            values[name] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or exc
+            raise ValueError(f"parameter {name!r}: {value!r} is not a YAML value ({problem}); "
+                             f"-r {name} VALUE passes it as text") from None
     values.update(dict(args.raw_parameter or []))
     return values
 

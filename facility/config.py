@@ -173,9 +173,13 @@ class BatchKubernetesConfig(_Strict):
     memory: str = Field(default="4GiB", pattern=MEMORY_PATTERN, description="memory of the job pod")
     volumes: list[dict[str, Any]] = Field(
         default_factory=list, description="pod volumes of the job pod, e.g. the user's home claim "
-                                          "that holds the job store and the output area")
+                                          "(claim-{username}) that holds the job store and the "
+                                          "output area; required")
     volume_mounts: list[dict[str, Any]] = Field(default_factory=list,
                                                 description="where the job container mounts them")
+    start_timeout: float = Field(default=900.0, gt=0,
+                                 description="seconds a job pod may stay pending (waiting for a "
+                                             "node) before the job is failed")
 
 
 class BatchConfig(_Strict):

@@ -27,8 +27,8 @@ import pytest
 import facility
 from facility.batch import JobAccessError, JobHandle, JobInputError, job, jobs
 from facility.batch.base import runner_for
-from facility.batch.kubernetes import KubernetesRunner
-from facility.batch.model import Job
+from facility.batch.kubernetes import KubernetesRunner, runner_failure
+from facility.batch.model import Job, JobError
 from facility.cli import main
 from facility.cluster.base import cluster_folder
 from facility.cluster.limits import WorkerRequest
@@ -233,6 +233,11 @@ def test_bad_input_is_refused_naming_the_culprit(
         facility.submit(path, args=["--fast"])
     assert cli(facility_config, "submit", str(path), "-p", "datset", "DY") == 2
     assert "unknown parameter 'datset' (did you mean 'dataset'?)" in capsys.readouterr().err
+    assert cli(facility_config, "submit", str(path), "-p", "dataset", "2018-01-01") == 2
+    assert "parameter 'dataset': datetime.date(2018, 1, 1) (date) cannot be passed" in \
+        capsys.readouterr().err
+    assert cli(facility_config, "submit", str(path), "-p", "dataset", "[DY") == 2
+    assert "parameter 'dataset': '[DY' is not a YAML value" in capsys.readouterr().err
     assert jobs() == []
 
 
@@ -323,7 +328,7 @@ batch:
     service_account: facility-user
     cpu: 2
     memory: 6GiB
-    volumes: [{name: home, persistentVolumeClaim: {claimName: claim-alice}}]
+    volumes: [{name: home, persistentVolumeClaim: {claimName: "claim-{username}"}}]
     volume_mounts: [{name: home, mountPath: /home/jovyan}]
 """)
     return load_config(tmp_path / "facility.yaml", environ={})
@@ -411,3 +416,49 @@ def test_stopping_the_facility_cancels_every_users_jobs(
     assert (running.state, queued.state) == ("cancelled", "cancelled")
     assert running.record.error == "the facility was stopped"
     assert runner_for(facility_config).cancel_all("again") == []
+
+
+def test_an_adaptive_job_gets_an_autoscaler_for_its_cluster(k8s_config: FacilityConfig) -> None:
+    objects = daskjob_manifests(k8s_config, 3)
+    assert "DaskAutoscaler" not in objects  # a fixed size
+    request = WorkerRequest(1, 8, threads=2, memory=2**30)
+    record = Job(id=8, user="alice", kind="script", path="/home/jovyan/skim.py", parameters={},
+                 args=[], request=request, runner="kubernetes", name="skim", state="running",
+                 submitted=time.time(), output="/home/jovyan/output/alice/jobs/8")
+    manifests = KubernetesRunner(k8s_config).manifests(record, environ=NOTEBOOK_ENV)
+    [autoscaler] = [m for m in manifests if m["kind"] == "DaskAutoscaler"]
+    jsonschema.validate(autoscaler, crd_schema("DaskAutoscaler"))
+    assert autoscaler["spec"] == {"cluster": "alice-job-8", "minimum": 1, "maximum": 8}
+
+
+def test_kubernetes_jobs_need_a_volume_for_their_state(k8s_config: FacilityConfig, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    k8s_config.batch.kubernetes.volumes = []
+    monkeypatch.setenv("JUPYTERHUB_USER", "alice")
+    script = tmp_path / "skim.py"
+    script.write_text("print(1)")
+    with pytest.raises(JobError, match=r"batch\.kubernetes\.volumes is empty: a job pod must mount"):
+        KubernetesRunner(k8s_config).submit(script)
+    assert KubernetesRunner(k8s_config).store.jobs() == []
+
+
+def runner_pod(reason: str | None, phase: str = "Pending") -> dict[str, Any]:
+    waiting = {"state": {"waiting": {"reason": reason, "message": "pull access denied"}}} if reason else {}
+    return {"metadata": {"name": "alice-job-7-runner"},
+            "status": {"phase": phase, "containerStatuses": [waiting] if waiting else []}}
+
+
+def test_a_job_pod_that_can_never_start_fails_the_job_with_the_reason() -> None:
+    assert runner_failure(runner_pod("ImagePullBackOff"), [], 5, 900) == \
+        "the job pod cannot start: ImagePullBackOff: pull access denied"
+    assert runner_failure(runner_pod(None), [], 5, 900) is None  # waiting for a node, for now
+    unschedulable = [{"involvedObject": {"name": "alice-job-7-runner"}, "type": "Warning",
+                      "reason": "FailedScheduling", "message": "0/3 nodes are available"}]
+    late = runner_failure(runner_pod(None), unschedulable, 901, 900)
+    assert late is not None
+    assert late.startswith("the job pod is still pending after 901 s")
+    assert "0/3 nodes are available" in late
+    refused = [{"reason": "FailedCreate", "message": "exceeded quota: facility-user"}]
+    assert runner_failure(None, refused, 5, 900) == \
+        "the job pod could not be created: exceeded quota: facility-user"
+    assert runner_failure(runner_pod(None, "Running"), [], 5000, 900) is None

@@ -106,6 +106,9 @@ def test_the_default_values_validate_and_hold_a_valid_facility_configuration() -
     ("jupyterhubb: {}", "additional properties 'jupyterhubb' not allowed"),
     ("facility: {hub: {vo: {issuer: null}}}", "facility.hub.vo.issuer: set the VO's OpenID issuer URL"),
     ("voClient: {secret: ''}", "voClient.secret: the hub's client secret"),
+    ("facility: {cluster: {kubernetes: {namespace: facility}}}",
+     'facility.cluster.kubernetes.namespace ("facility"): set a namespace for users\' servers'),
+    ("users: [a--b]", "at '/users/0'"),
 ])
 def test_bad_values_are_refused_naming_the_value(build: Path, tmp_path: Path, bad: str,
                                                  message: str) -> None:
@@ -194,6 +197,10 @@ def test_users_may_manage_only_dask_objects_of_their_namespace(build: Path) -> N
             elif written:  # a cluster's TLS keys and credentials: made and removed, never read
                 assert rule["resources"] == ["secrets"]
                 assert set(rule["verbs"]) == {"create", "delete"}
+    assert roles[0]["rules"][-1]["resources"] == ["pods", "pods/log", "events"]  # their own only
+    shared = [r for r in by_kind(render(build, MINIMAL), "Role") if r["metadata"]["name"] == "facility-user"]
+    assert [r["metadata"]["namespace"] for r in shared] == ["facility-users"]
+    assert all("pods" not in rule["resources"] for rule in shared[0]["rules"])  # others' pod specs
     users_bindings = [b for b in by_kind(objects, "RoleBinding") + by_kind(objects, "ClusterRoleBinding")
                       if any(s["name"] == "facility-user" for s in b["subjects"])]
     assert {b["kind"] for b in users_bindings} == {"RoleBinding"}
@@ -207,7 +214,10 @@ def test_each_user_namespace_has_quota_limits_and_the_configuration(build: Path)
     objects = render(build, MAXIMAL)
     for user in ("alice", "bob"):
         namespace = f"facility-{user}"
-        assert named(objects, "Namespace", namespace)["metadata"]["labels"]["facility.dev/user"] == user
+        labels = named(objects, "Namespace", namespace)["metadata"]["labels"]
+        assert labels["facility.dev/user"] == user
+        assert labels["pod-security.kubernetes.io/enforce"] == "baseline"
+        assert labels["hub.jupyter.org/network-access-hub"] == "true"
         quota = named(objects, "ResourceQuota", "facility-user", namespace)["spec"]["hard"]
         assert quota["requests.nvidia.com/gpu"] == "4"
         limits = named(objects, "LimitRange", "facility-user", namespace)["spec"]["limits"][0]
@@ -243,7 +253,8 @@ def test_a_users_schedulers_open_only_to_their_own_pods_in_a_shared_namespace(
         build: Path, tmp_path: Path) -> None:
     objects = render(build, MINIMAL, values_file(tmp_path, "users: [alice, bob]"))
     config = FacilityConfig.model_validate(yaml.safe_load(
-        named(objects, "ConfigMap", "facility-config")["data"]["facility.yaml"]))
+        named(objects, "ConfigMap", "facility-config", "facility-users")["data"]["facility.yaml"]))
+    assert config.cluster.kubernetes.namespace == "facility-users"
     config.home = tmp_path
     policies = by_kind(objects, "NetworkPolicy")
     alice = cluster_pod_labels(config, "alice")
@@ -269,6 +280,10 @@ def test_in_user_namespaces_dask_pods_open_to_their_namespace_and_the_operator(b
     peers = policy["spec"]["ingress"][0]["from"]
     assert peers[0] == {"podSelector": {}}
     assert peers[1]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "dask-operator"}
+    scrape = policy["spec"]["ingress"][1]  # monitoring is on: Prometheus, dashboard port only
+    prometheus = {"kubernetes.io/metadata.name": "monitoring"}
+    assert scrape["from"] == [{"namespaceSelector": {"matchLabels": prometheus}}]
+    assert scrape["ports"] == [{"port": "http-dashboard", "protocol": "TCP"}]
 
 
 def test_schedulers_outrank_workers_under_the_configured_names(build: Path) -> None:
@@ -277,11 +292,17 @@ def test_schedulers_outrank_workers_under_the_configured_names(build: Path) -> N
     k8s = values["facility"]["cluster"]["kubernetes"]
     scheduler = named(objects, "PriorityClass", k8s["scheduler_priority_class"])
     worker = named(objects, "PriorityClass", k8s["worker_priority_class"])
-    assert scheduler["value"] > 0 > worker["value"]
+    assert scheduler["value"] == 0  # with user servers: never takes a server's place
+    assert worker["value"] < -10  # below the jupyterhub chart's user placeholders
     assert worker["preemptionPolicy"] == "Never"
 
 
 # -- the hub, as the jupyterhub chart's hub loads it --------------------------------------------
+
+
+def services_url(c: Config) -> str:
+    [culler] = [s for s in c.JupyterHub.services if s["name"] == "idle-culler"]
+    return next(arg for arg in culler["command"] if arg.startswith("--url="))
 
 
 class FakeGroup:
@@ -332,6 +353,7 @@ facility:
     assert spawner.environment["BEARER_TOKEN_FILE"] == "/home/jovyan/.facility/token"
     assert spawner.environment["FACILITY_CLUSTER__KUBERNETES__NAMESPACE"](SpawnerView()) == "facility-alice"
     assert spawner.extra_labels == {"facility.dev/user": "{username}"}
+    assert services_url(c) == "--url=http://127.0.0.1:8081/hub/api"
     assert spawner.enable_user_namespaces is True
     assert spawner.user_namespace_template == "facility-{username}"
     assert [p["slug"] for p in spawner.profile_list(SpawnerView("cms"))] == ["cpu-small", "cpu-large"]
@@ -388,3 +410,48 @@ def test_the_images_extra_requirements_resolve_against_the_tested_pins(tmp_path:
     assert {name: resolved[name] for name in wanted} == wanted
     tested = pinned(REPO / "constraints.txt")
     assert {n: v for n, v in resolved.items() if n in tested and tested[n] != v} == {}
+
+
+# -- the admission policy, evaluated with a CEL interpreter -------------------------------------
+
+
+def admitted(policy: dict[str, Any], obj: dict[str, Any]) -> list[str]:
+    """The messages of the policy's validations that ``obj`` fails (empty: admitted)."""
+    import celpy
+
+    env = celpy.Environment()
+    activation: dict[str, Any] = {"object": celpy.json_to_cel(obj)}
+    computed: dict[Any, Any] = {}
+    for variable in policy["spec"]["variables"]:  # each may use those before it
+        activation["variables"] = celpy.celtypes.MapType(computed)
+        value = env.program(env.compile(variable["expression"])).evaluate(activation)
+        computed[celpy.celtypes.StringType(variable["name"])] = value
+    activation["variables"] = celpy.celtypes.MapType(computed)
+    return [check["message"] for check in policy["spec"]["validations"]
+            if not env.program(env.compile(check["expression"])).evaluate(activation)]
+
+
+def test_dask_pods_get_only_their_own_clusters_secrets(build: Path, tmp_path: Path) -> None:
+    from tests.test_batch import daskjob_manifests
+    from tests.test_kubernetes import render as cluster_manifests
+
+    objects = render(build, MINIMAL)
+    [policy] = by_kind(objects, "ValidatingAdmissionPolicy")
+    [binding] = by_kind(objects, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    config = FacilityConfig.model_validate(yaml.safe_load(
+        named(objects, "ConfigMap", "facility-config", "facility-users")["data"]["facility.yaml"]))
+    config.home = tmp_path
+    mine = cluster_manifests(config)["DaskCluster"]
+    assert admitted(policy, mine) == []
+    assert admitted(policy, daskjob_manifests(config, 2)["DaskJob"]) == []
+
+    foreign_mount = json.loads(json.dumps(mine))
+    foreign_mount["metadata"]["name"] = "mallory-steal"
+    assert admitted(policy, foreign_mount) == [
+        "a Dask pod may mount only its own cluster's Secrets (<cluster>-tls, <cluster>-credentials)",
+        "a Dask pod's environment may come only from its own cluster's Secrets"]
+    borrowed = json.loads(json.dumps(mine))
+    borrowed["spec"]["worker"]["spec"]["serviceAccountName"] = "hub"
+    assert admitted(policy, borrowed) == [
+        "Dask pods run with the users' service account (facility-user) or none"]

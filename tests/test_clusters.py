@@ -350,3 +350,13 @@ def test_lab_sidebar_creates_scales_and_stops_a_facility_cluster(
     assert (first["workers"], second["workers"]) == (1, 2)
     assert adaptive["adapt"] == {"minimum": 1, "maximum": 2}
     assert stopped
+
+
+def test_cluster_names_keep_their_own_part_when_the_user_name_is_long() -> None:
+    from facility.cluster.connect import cluster_name
+
+    long_user = Identity("a" * 44 + ".x")
+    names = {cluster_name(long_user, f"job-{n}") for n in (1, 12, 123)}
+    assert len(names) == 3
+    assert all(len(n) <= 50 and n[-1] != "-" and "-job-" in n for n in names)
+    assert cluster_name(Identity("Alice.Smith"), "Z peak") == "alice-smith-z-peak"

@@ -13,6 +13,7 @@ job of its user), a cancellation, or any look at the jobs that finds a job that 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -106,6 +107,9 @@ class JobRunner(ABC):
     def cluster(self, job: Job) -> AbstractContextManager[ClusterBackend | None]:
         """Inside the job: its Dask cluster (None if it asked for none), up while the job runs."""
 
+    def check_setup(self) -> None:  # noqa: B027 (most runners need nothing more)
+        """Refuse a submission this runner could never run, naming the setting to change."""
+
     def own_handle(self) -> dict[str, Any] | None:
         """Inside the job: the handle it records for itself (None: its starter records it)."""
         return None
@@ -126,6 +130,7 @@ class JobRunner(ABC):
         """Check, record and (if the user has a free slot) start a job."""
         env = dict(os.environ if environ is None else environ)
         who = Identity.current(env)
+        self.check_setup()
         checked = job_input(path, parameters, args, self.config.batch.kernel)
         request = self.job_request(who, asked or {})
         self.reap(who.user)
@@ -177,7 +182,9 @@ class JobRunner(ABC):
                 self.store.finish(job.id, "failed", error=f"the job could not be started: "
                                                           f"{type(exc).__name__}: {exc}")
                 continue
-            self.store.set_handle(job.id, handle)
+            if not self.store.set_handle(job.id, handle):  # cancelled while it was starting
+                self.kill(dataclasses.replace(job, handle=handle))
+                continue
             started.append(job)
         return started
 
@@ -227,9 +234,7 @@ class JobRunner(ABC):
         queued job of the user starts. Returns the job and the state it had."""
         who = who or Identity.current()
         job = self.own(job_id, who)
-        before = self.store.cancel(job.id, f"cancelled by {who.user}")
-        if before == "running":
-            self.kill(job)
+        before = self._cancel(job, f"cancelled by {who.user}")
         self.start_queued(job.user)
         return self.own(job_id, who), before or job.state
 
@@ -239,12 +244,17 @@ class JobRunner(ABC):
         active = self.store.jobs(None, ("queued",)) + self.store.jobs(None, ("running",))
         cancelled = []
         for job in active:
-            before = self.store.cancel(job.id, reason)
-            if before == "running":
-                self.kill(job)
-            if before is not None:
+            if self._cancel(job, reason) is not None:
                 cancelled.append(job)
         return cancelled
+
+    def _cancel(self, job: Job, reason: str) -> JobState | None:
+        """Record the cancellation, then stop the job as it is found after it: a job starting
+        meanwhile has recorded its handle by then, or will find itself cancelled and not run."""
+        before = self.store.cancel(job.id, reason)
+        if before == "running":
+            self.kill(self.store.get(job.id) or job)
+        return before
 
     def cluster_backend(self, job: Job, owner: Owner | None = None) -> ClusterBackend:
         """The backend of the job's cluster (not started); it never idles out, the job ends it."""

@@ -8,6 +8,7 @@ cell (papermill itself would only warn, and run the notebook with its defaults).
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,13 @@ def check_parameters(file: Path, parameters: dict[str, Any], kernel: str | None 
     declared = notebook_parameters(file, kernel)
     if not parameters:
         return
+    for name, value in parameters.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise JobInputError(f"parameter {name!r}: {value!r} ({type(value).__name__}) cannot be "
+                                "passed to a notebook; give text, numbers, booleans, lists or "
+                                "mappings (on the command line: -r NAME VALUE keeps text)") from None
     if declared is None:
         raise JobInputError(f"{file.name} has no cell tagged '{PARAMETERS_TAG}', so it takes no "
                             f"parameters ({', '.join(parameters)}); tag the cell that sets them")

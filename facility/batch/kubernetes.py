@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,18 +36,59 @@ from dask.utils import parse_bytes
 from facility.batch.base import JobRunner
 from facility.batch.model import Job, JobError, JobState, job_cluster_name
 from facility.cluster.base import ClusterBackend, cluster_folder
-from facility.cluster.kubernetes import SCHEDULER_PORT, USER_LABEL, KubernetesBackend, user_label
+from facility.cluster.kubernetes import (
+    SCHEDULER_PORT,
+    USER_LABEL,
+    KubernetesBackend,
+    explain_pods,
+    user_label,
+)
 from facility.cluster.limits import Identity, WorkerRequest
 
 JOB_LABEL = "facility.dev/job"
 JOB_CONTAINER = "job"
 PROBES = ("ports", "readinessProbe", "livenessProbe", "startupProbe")
+NEVER_STARTS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+                "CreateContainerError")
+
+
+def for_user(items: list[dict[str, Any]], user: str) -> list[dict[str, Any]]:
+    """Volumes and mounts with ``{username}`` as the hub spells it in pod and claim names (the
+    user's home is ``claim-{username}``)."""
+    return list(json.loads(json.dumps(items).replace("{username}", user_label(user))))
+
+
+def runner_failure(pod: dict[str, Any] | None, events: list[dict[str, Any]], waited: float,
+                   patience: float) -> str | None:
+    """Why a job pod will never run (an image that cannot be pulled, a quota or limit that
+    refuses it, no node after ``patience`` seconds), or None while it may still start."""
+    if pod is None:
+        creation = [e for e in events if e.get("reason") == "FailedCreate"]
+        if creation:
+            return f"the job pod could not be created: {creation[-1].get('message')}"
+        return None if waited < patience else f"no job pod after {waited:.0f} s"
+    status = pod.get("status", {})
+    for container in status.get("containerStatuses", []):
+        waiting = container.get("state", {}).get("waiting") or {}
+        if waiting.get("reason") in NEVER_STARTS:
+            return f"the job pod cannot start: {waiting['reason']}: {waiting.get('message', '')}"
+    if status.get("phase") == "Pending" and waited >= patience:
+        return (f"the job pod is still pending after {waited:.0f} s: "
+                + "; ".join(explain_pods([pod], events)))
+    return None
 
 
 class KubernetesRunner(JobRunner):
     """DaskJobs in the user's namespace, one per batch job."""
 
     runner_name = "kubernetes"
+
+    def check_setup(self) -> None:
+        if not self.config.batch.kubernetes.volumes:
+            raise JobError("batch.kubernetes.volumes is empty: a job pod must mount the volume "
+                           "that holds the facility's state and output area, e.g. "
+                           "[{name: home, persistentVolumeClaim: {claimName: claim-{username}}}] "
+                           "with batch.kubernetes.volume_mounts")
 
     def backend(self, job: Job) -> KubernetesBackend:
         """The job's cluster as the kubernetes backend shapes it (a scheduler alone for a job
@@ -68,7 +111,11 @@ class KubernetesRunner(JobRunner):
             "spec": {"job": {"metadata": {"labels": labels},
                              "spec": self.job_pod(job, backend, cluster, namespace)},
                      "cluster": {"metadata": {"labels": labels}, "spec": cluster["spec"]}}}
-        return [*(o for o in objects if o["kind"] == "Secret"), daskjob]
+        adaptive = job.request is not None and job.request.min_workers != job.request.max_workers
+        autoscaler = [o for o in objects if o["kind"] == "DaskAutoscaler" and adaptive]
+        for obj in autoscaler:
+            obj["metadata"]["labels"] = labels
+        return [*(o for o in objects if o["kind"] == "Secret"), daskjob, *autoscaler]
 
     def job_pod(self, job: Job, backend: KubernetesBackend, cluster: dict[str, Any],
                 namespace: str) -> dict[str, Any]:
@@ -91,8 +138,8 @@ class KubernetesRunner(JobRunner):
              "value": f"tls://{backend.name}-scheduler.{namespace}:{SCHEDULER_PORT}"}]
         container["volumeMounts"] = [*container.get("volumeMounts", []), {
             "name": "tls", "mountPath": str(cluster_folder(self.config, backend.name)),
-            "readOnly": True}, *copy.deepcopy(settings.volume_mounts)]
-        pod["volumes"] = [*pod.get("volumes", []), *copy.deepcopy(settings.volumes)]
+            "readOnly": True}, *for_user(settings.volume_mounts, job.user)]
+        pod["volumes"] = [*pod.get("volumes", []), *for_user(settings.volumes, job.user)]
         pod["restartPolicy"] = "Never"
         if settings.service_account:
             pod["serviceAccountName"] = settings.service_account
@@ -114,9 +161,14 @@ class KubernetesRunner(JobRunner):
         manifests = self.manifests(job)
         namespace = manifests[-1]["metadata"]["namespace"]
         api = self._api(namespace)
-        for manifest in manifests:
-            object_from_spec(manifest, api=api, allow_unknown_type=True).create()
-        return {"name": manifests[-1]["metadata"]["name"], "namespace": namespace}
+        name = next(m for m in manifests if m["kind"] == "DaskJob")["metadata"]["name"]
+        try:
+            for manifest in manifests:
+                object_from_spec(manifest, api=api, allow_unknown_type=True).create()
+        except Exception:
+            self.kill(dataclasses.replace(job, handle={"name": name, "namespace": namespace}))
+            raise
+        return {"name": name, "namespace": namespace}
 
     def _daskjob(self, job: Job) -> dict[str, Any] | None:
         import kr8s
@@ -132,12 +184,30 @@ class KubernetesRunner(JobRunner):
         if daskjob is None:
             return "failed", f"the DaskJob {job.handle['name']} was deleted"
         status = daskjob.get("status", {}).get("jobStatus")
-        if status == "Successful":
-            return "succeeded", None
-        if status == "Failed":
-            return "failed", (f"the job pod {job.handle['name']}-runner failed; its log: "
-                              f"`facility jobs logs {job.id}`")
-        return None
+        if status in ("Successful", "Failed"):
+            self.backend(job).stop()  # the job's Secrets (the operator removes its cluster)
+            return ("succeeded", None) if status == "Successful" else (
+                "failed", f"the job pod {job.handle['name']}-runner failed; its log: "
+                          f"`facility jobs logs {job.id}`")
+        why = self._never_starts(job)
+        if why is None:
+            return None
+        self.kill(job)
+        return "failed", why
+
+    def _never_starts(self, job: Job) -> str | None:
+        import kr8s
+
+        api, name = self._api(self._namespace(job)), f"{job.handle['name']}-runner"
+        try:
+            pods = [p.raw for p in kr8s.get("pods", name, api=api)]
+            events = [e.raw for e in kr8s.get("events", api=api)
+                      if e.raw.get("involvedObject", {}).get("name") in (name, job.handle["name"])]
+        except Exception:
+            return None  # not allowed to look, or out of reach: nothing is known
+        waited = time.time() - (job.started or time.time())
+        return runner_failure(pods[0] if pods else None, events, waited,
+                              self.config.batch.kubernetes.start_timeout)
 
     def kill(self, job: Job) -> None:
         import kr8s

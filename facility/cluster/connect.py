@@ -99,10 +99,19 @@ class FacilityCluster:
                 f"{self.scheduler_address} dashboard={self.dashboard_link}>")
 
 
+CLUSTER_NAME_LENGTH = 50  # "<name>-scheduler" must stay a DNS label (63 characters)
+
+
+def _dns_part(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
 def cluster_name(who: Identity, name: str | None) -> str:
-    """``<user>-<name>``, in the characters Kubernetes object names allow."""
-    base = f"{who.user}-{name or uuid.uuid4().hex[:6]}".lower()
-    return re.sub(r"[^a-z0-9-]+", "-", base).strip("-")[:50]
+    """``<user>-<name>``, in the characters Kubernetes object names allow. A long user name is
+    cut, never the cluster's own name: ``alice…-job-7`` and ``alice…-job-17`` stay apart."""
+    own = _dns_part(name or uuid.uuid4().hex[:6])[:CLUSTER_NAME_LENGTH // 2].strip("-")
+    user = _dns_part(who.user)[:CLUSTER_NAME_LENGTH - len(own) - 1].strip("-")
+    return f"{user}-{own}"
 
 
 def user_backend(config: FacilityConfig, name: str | None, asked: dict[str, Any],

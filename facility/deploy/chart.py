@@ -70,7 +70,8 @@ def values_schema() -> dict[str, Any]:
     facility = config_json_schema()
     definitions = facility.pop("$defs", {})
     # names that are DNS labels: they name namespaces and are label values unchanged
-    username = {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 48}
+    # (starting with a letter, no "--": KubeSpawner's slug of other names differs from them)
+    username = {"type": "string", "pattern": "^[a-z]([a-z0-9]|-[a-z0-9])*$", "maxLength": 48}
     resources = {"type": "object", "additionalProperties": {"type": ["string", "integer"]}}
     schema = _object({
         "facility": {**facility, "description": "the facility configuration (facility.yaml)"},
@@ -86,6 +87,7 @@ def values_schema() -> dict[str, Any]:
         "networkPolicy": _object({"operatorNamespace": {"type": ["string", "null"]}},
                                  "network policies of the Dask pods"),
         "monitoring": _object({"enabled": {"type": "boolean"},
+                               "prometheusNamespace": {"type": "string", "minLength": 1},
                                "interval": {"type": "string", "pattern": "^[0-9]+(s|m)$"},
                                "labels": {"type": "object",
                                           "additionalProperties": {"type": "string"}}},

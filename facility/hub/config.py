@@ -99,8 +99,10 @@ def configure(c: Any, config: FacilityConfig | None = None, *,
         {"name": "user", "scopes": ["self", "admin:auth_state!user"]},
         {"name": "server", "scopes": SERVER_SCOPES},
         {"name": "idle-culler", "scopes": CULLER_SCOPES, "services": ["idle-culler"]}])
+    # the culler talks to the hub inside the hub's own pod or machine (not through a Service)
     _extend(c.JupyterHub, "services", [{"name": "idle-culler", "command": [
-        sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={config.hub.idle_culler_timeout}"]}])
+        sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={config.hub.idle_culler_timeout}",
+        f"--url=http://127.0.0.1:{config.hub.hub_port}/hub/api"]}])
     if spawner == "kubernetes":
         _kube_spawner(c, config)
     else:
@@ -167,12 +169,15 @@ def _kube_spawner(c: Any, config: FacilityConfig) -> None:
     # the label the chart's NetworkPolicies and the cluster manifests select a user's pods by
     _extend(spawner, "extra_labels", {USER_LABEL: "{username}"})
     spawner.profile_list = lambda s: kubespawner_profiles(config.hub, user_groups(s))
+    # users' servers never run in the hub's namespace: their own, or one they share
     template = config.cluster.kubernetes.user_namespace_template
     if template:
         spawner.enable_user_namespaces = True
         spawner.user_namespace_template = template
         _extend(spawner, "environment", {
             "FACILITY_CLUSTER__KUBERNETES__NAMESPACE": lambda s: s.namespace})
+    else:
+        spawner.namespace = config.cluster.kubernetes.namespace
 
 
 def _local_spawner(c: Any, config: FacilityConfig, config_file: Path | None) -> None:

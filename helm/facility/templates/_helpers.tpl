@@ -13,7 +13,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end }}
 
 {{/* The namespaces users' servers and clusters run in, one per line: each user's own, or the
-     release namespace that all share. */}}
+     one they share (facility.cluster.kubernetes.namespace). Never the hub's own namespace: a
+     user's pods there could reach the hub's secrets. */}}
 {{- define "facility.userNamespaces" -}}
 {{- $template := include "facility.userNamespaceTemplate" . -}}
 {{- if $template -}}
@@ -21,11 +22,16 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{ replace "{username}" . $template }}
 {{- end }}
 {{- else }}
-{{ .Release.Namespace }}
+{{- $shared := .Values.facility.cluster.kubernetes.namespace | default "" }}
+{{- if or (not $shared) (eq $shared .Release.Namespace) }}
+{{- fail (printf "facility.cluster.kubernetes.namespace (%q): set a namespace for users' servers and Dask clusters other than the hub's namespace %q" $shared .Release.Namespace) }}
+{{- end }}
+{{ $shared }}
 {{- end }}
 {{- end }}
 
-{{/* The facility configuration as seen in one namespace (its clusters run there). */}}
+{{/* The facility configuration as seen in one namespace (its clusters run there; the hub's
+     copy keeps the configured namespace). */}}
 {{- define "facility.configFor" -}}
 {{- $ := index . 0 -}}
 {{- $namespace := index . 1 -}}
