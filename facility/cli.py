@@ -296,10 +296,8 @@ def _job_cancel(runner: Any, job_id: int) -> int:
 
 def _job_outputs(runner: Any, job_id: int) -> int:
     job = runner.status(job_id)
-    files = sorted(p for p in job.output_dir.rglob("*") if p.is_file()) \
-        if job.output_dir.exists() else []
     console.print(f"{job.output_dir} ({job.state})", markup=False)
-    for path in files:
+    for path in job.output_files():
         console.print(f"  {path.relative_to(job.output_dir)}  {path.stat().st_size:,} bytes",
                       markup=False)
     return 0

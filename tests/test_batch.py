@@ -33,8 +33,8 @@ from facility.cli import main
 from facility.cluster.base import cluster_folder
 from facility.cluster.limits import WorkerRequest
 from facility.cluster.local import LocalBackend
-from facility.config import FacilityConfig, load_config
-from tests.test_kubernetes import NOTEBOOK_ENV, crd_schema, pod, validate_k8s
+from facility.config import FacilityConfig
+from tests.test_kubernetes import NOTEBOOK_ENV, crd_schema, kubernetes_config, pod, validate_k8s
 
 pytestmark = pytest.mark.integration
 WAIT = 180.0
@@ -318,11 +318,7 @@ def test_the_batch_notebook_submits_the_zpeak_job_and_collects_its_outputs(
 
 @pytest.fixture
 def k8s_config(tmp_path: Path) -> FacilityConfig:
-    (tmp_path / "facility.yaml").write_text("""
-home: .
-cluster:
-  backend: kubernetes
-  kubernetes: {operator: true, namespace: analysis}
+    return kubernetes_config(tmp_path, """
 batch:
   kubernetes:
     service_account: facility-user
@@ -331,7 +327,6 @@ batch:
     volumes: [{name: home, persistentVolumeClaim: {claimName: "claim-{username}"}}]
     volume_mounts: [{name: home, mountPath: /home/jovyan}]
 """)
-    return load_config(tmp_path / "facility.yaml", environ={})
 
 
 def daskjob_manifests(config: FacilityConfig, workers: int) -> dict[str, dict[str, Any]]:

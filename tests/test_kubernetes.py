@@ -37,9 +37,9 @@ def crd_schema(kind: str) -> dict[str, Any]:
     return version["schema"]["openAPIV3Schema"]
 
 
-@pytest.fixture
-def config(tmp_path: Path) -> FacilityConfig:
-    (tmp_path / "facility.yaml").write_text("""
+def kubernetes_config(home: Path, more: str = "") -> FacilityConfig:
+    """A configuration for the kubernetes backend in namespace ``analysis``, plus ``more`` YAML."""
+    (home / "facility.yaml").write_text("""
 home: .
 cluster:
   backend: kubernetes
@@ -48,8 +48,13 @@ cluster:
     namespace: analysis
     gpu_node_selector: {nvidia.com/gpu.present: "true"}
     gpu_tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
-""")
-    return load_config(tmp_path / "facility.yaml", environ={})
+""" + more)
+    return load_config(home / "facility.yaml", environ={})
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> FacilityConfig:
+    return kubernetes_config(tmp_path)
 
 
 def render(config: FacilityConfig, gpus: int = 0) -> dict[str, dict[str, Any]]:

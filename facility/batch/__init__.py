@@ -72,8 +72,7 @@ class JobHandle:
 
     def outputs(self) -> list[Path]:
         """Every file in the job's output folder."""
-        folder = self.output_dir
-        return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+        return self.record.output_files()
 
     def cancel(self) -> Job:
         self.record, _before = self.runner.cancel(self.id, Identity(self.record.user))

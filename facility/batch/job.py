@@ -97,8 +97,8 @@ def record(runner: JobRunner, job: Job, outcome: Outcome) -> None:
     final = runner.store.get(job.id) or job
     summary = final.record()
     summary["failure"] = outcome.failure.__dict__ if outcome.failure else None
-    summary["outputs"] = sorted(str(p.relative_to(job.output_dir)) for p in job.output_dir.rglob("*")
-                                if p.is_file() and p.name != RECORD_FILE)
+    summary["outputs"] = [str(p.relative_to(job.output_dir)) for p in job.output_files()
+                          if p.name != RECORD_FILE]
     job.output_dir.mkdir(parents=True, exist_ok=True)
     (job.output_dir / RECORD_FILE).write_text(json.dumps(summary, indent=2, default=str))
     if outcome.failure:

@@ -85,6 +85,11 @@ class Job:
     def output_dir(self) -> Path:
         return Path(self.output)
 
+    def output_files(self) -> list[Path]:
+        """Every file in the job's output folder (none before it has written any)."""
+        folder = self.output_dir
+        return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
     @property
     def log_path(self) -> Path:
         return self.output_dir / LOG_FILE
