@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from facility.config import ConfigError, FacilityConfig, load_config
+from facility.config import FacilityConfig, load_config
+from facility.errors import FacilityError, UsageError
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -88,7 +91,10 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_printer() -> tuple[Any, Callable[[Any], None]]:
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[Callable[[Any], None]]:
+    """A progress bar that appears with the first result (a run that fails before any result
+    prints its error alone) and stays on screen once the run is over."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("chunks"), BarColumn(), MofNCompleteColumn(),
@@ -97,24 +103,52 @@ def _progress_printer() -> tuple[Any, Callable[[Any], None]]:
     task = bar.add_task("run", total=None, events=0, rate=0.0)
 
     def update(p: Any) -> None:
+        if not bar.live.is_started:
+            bar.start()
         bar.update(task, completed=p.chunks_done, total=p.chunks_total, events=p.events,
                    rate=p.events_per_second)
 
-    return bar, update
+    try:
+        yield update
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+
+
+def _headline(summary: dict[str, Any]) -> str:
+    chunks = summary["chunks"]
+    parts = [f"{chunks['skipped']} skipped" + (f": {summary['events_skipped']:,} events"
+                                               if summary.get("events_skipped") else ""),
+             f"{chunks['retried']} retried"]
+    if chunks.get("resumed"):
+        parts.append(f"{chunks['resumed']} from the journal")
+    if summary["files"].get("skipped"):
+        parts.append(f"{summary['files']['skipped']} files skipped whole")
+    return (f"[bold]events[/bold] {summary['events']:,} in {chunks['done']} chunks "
+            f"({', '.join(parts)}) on {summary['workers_used']} workers; "
+            f"{summary['wall_seconds']:.1f} s, {summary['events_per_second']:,.0f} events/s")
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    console.print(f"[bold]events[/bold] {summary['events']:,} in {summary['chunks']['done']} chunks "
-                  f"({summary['chunks']['skipped']} skipped, {summary['chunks']['retried']} retried) "
-                  f"on {summary['workers_used']} workers; {summary['wall_seconds']:.1f} s, "
-                  f"{summary['events_per_second']:,.0f} events/s")
+    console.print(_headline(summary))
     for name, counts in summary["per_dataset"].items():
+        skipped = (f", [yellow]{counts['events_skipped']:,} skipped[/yellow]"
+                   if counts.get("events_skipped") else "")
         console.print(f"  {name}: {counts['events_processed']:,} of "
-                      f"{counts['events_in_catalog']:,} events, {counts['files']} files")
+                      f"{counts['events_in_catalog']:,} events{skipped}, {counts['files']} files")
     console.print(f"  replicas read: {', '.join(sorted(summary['replicas_used'])) or '-'}")
+    for endpoint in summary.get("endpoints_unhealthy", []):
+        console.print(f"  [yellow]unhealthy[/yellow] endpoint {endpoint}: its replicas were read last")
     for item in summary["skipped"]:
-        console.print(f"  [yellow]skipped[/yellow] {item['file']} entries {item['entries']}: "
-                      f"{item['reason']}")
+        console.print(f"  [yellow]skipped[/yellow] {escape(item['file'])} entries "
+                      f"{escape(str(item['entries']))} ({item['events']:,} events, "
+                      f"{item['stage']}): {escape(item['reason'])}", soft_wrap=True)
+    for differ in summary["files"].get("entries_differ_from_catalog", []):
+        console.print(f"  [yellow]catalog differs[/yellow] {differ['file']}: the catalog says "
+                      f"{differ['catalog']:,} events, the file has {differ['file_has']:,}")
+    for retired in summary.get("workers_retired", []):
+        console.print(f"  [yellow]retired[/yellow] worker {escape(retired['worker'])}: "
+                      f"{escape(retired['reason'])}")
     fit = summary.get("analysis", {}).get("fit")
     if fit:
         console.print(f"[bold]Z peak[/bold] fitted at {fit['peak']:.3f} ± {fit['peak_error']:.3f} "
@@ -123,23 +157,33 @@ def print_summary(summary: dict[str, Any]) -> None:
     outputs = summary.get("outputs", {})
     for key in ("histograms", "plot", "ledger"):
         if key in outputs:
-            console.print(f"  {key}: {outputs[key]}")
-    if outputs.get("directory"):
-        console.print(f"  summary: {Path(outputs['directory']) / 'summary.json'}")
+            console.print(f"  {key}: {outputs[key]}", soft_wrap=True)
+    for refused in outputs.get("not_in_root_file", []):
+        console.print(f"  [yellow]not in the ROOT file[/yellow] {escape(refused['histogram'])}: "
+                      f"{escape(refused['reason'])}")
+    if outputs.get("directory") and "error" not in outputs:
+        console.print(f"  summary: {Path(outputs['directory']) / 'summary.json'}", soft_wrap=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from facility.processing.runner import run
 
+    if args.resume is None and (args.processor is None or not args.dataset):
+        raise UsageError("`facility run` needs a processor and -d DATASET, or --resume RUN")
     config = _config(args)
-    bar, update = _progress_printer()
-    with bar:
+    with _progress_bar() as update:
         result = run(args.processor, args.dataset, config=config, chunk_size=args.chunk_size,
-                     on_bad_input="skip" if args.skip_bad_input else None, progress=update,
-                     output=Path(args.output) if args.output else True)
+                     on_bad_input="skip" if args.skip_bad_input else None,
+                     max_skipped_fraction=args.max_skipped_fraction, progress=update,
+                     output=Path(args.output) if args.output else True, name=args.name,
+                     resume=args.resume)
     print_summary(result.summary)
     if args.json:
         console.print_json(json.dumps(result.summary, default=str))
+    if result.output_error:
+        err_console.print(f"[red]error (the facility):[/red] {escape(result.output_error)}",
+                          soft_wrap=True)
+        return 5
     return 0
 
 
@@ -151,8 +195,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = _config(args)
     generate_samples(config, report=console.print)
     up(config, report=console.print)
-    bar, update = _progress_printer()
-    with bar:
+    with _progress_bar() as update:
         result = run("dimuon", args.dataset, config=config, progress=update)
     print_summary(result.summary)
     hub = config.hub
@@ -174,6 +217,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_command(_config(args), args, console)
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from facility.config import config_file
+    from facility.embedded.chaos import FAULTS, Chaos, final_line, run_chaos
+
+    config = _config(args)
+    source = Path(args.config) if args.config else config_file()
+    datasets = args.dataset or [sample.name for sample in config.samples[:1]]
+    if not datasets:
+        raise UsageError("no dataset to run: give -d DATASET")
+    faults = args.faults.split(",") if args.faults else list(FAULTS)
+    chaos = Chaos(config, source.resolve() if source else None, args.processor, datasets,
+                  args.chunk_size, args.seed, report=lambda line: console.print(line, markup=False,
+                                                                                  soft_wrap=True))
+    verdicts = run_chaos(chaos, args.runs, faults)
+    console.print(final_line(verdicts), markup=False)
+    return 0 if all(v.identical for v in verdicts) else 1
+
+
 def cmd_clusters(args: argparse.Namespace) -> int:
     from facility.cluster.limits import Identity
     from facility.cluster.local import local_clusters
@@ -185,7 +246,7 @@ def cmd_clusters(args: argparse.Namespace) -> int:
         chosen = mine if args.all else [c for c in mine if c.name in args.names]
         unknown = set(args.names) - {c.name for c in chosen}
         if unknown:
-            raise LookupError(f"no cluster named {', '.join(sorted(unknown))} of user {user!r}; "
+            raise UsageError(f"no cluster named {', '.join(sorted(unknown))} of user {user!r}; "
                               "see `facility clusters`")
         for cluster in chosen:
             console.print(f"{'stopped' if cluster.stop() else 'was not running'}: {cluster.name}")
@@ -211,7 +272,7 @@ def _parameters(args: argparse.Namespace) -> dict[str, Any]:
             values[name] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or exc
-            raise ValueError(f"parameter {name!r}: {value!r} is not a YAML value ({problem}); "
+            raise UsageError(f"parameter {name!r}: {value!r} is not a YAML value ({problem}); "
                              f"-r {name} VALUE passes it as text") from None
     values.update(dict(args.raw_parameter or []))
     return values
@@ -271,7 +332,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         Console(width=max(console.width, 160)).print(table)
         return 0
     if args.job is None:
-        raise LookupError(f"`facility jobs {args.action}` needs a job id; `facility jobs list` "
+        raise UsageError(f"`facility jobs {args.action}` needs a job id; `facility jobs list` "
                           "shows yours")
     return JOB_ACTIONS[args.action](runner, args.job)
 
@@ -344,12 +405,27 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop the embedded facility").set_defaults(func=cmd_down)
     sub.add_parser("status", help="show what runs").set_defaults(func=cmd_status)
 
-    run_p = sub.add_parser("run", help="run a processor over a dataset")
-    run_p.add_argument("processor", help="shipped name (dimuon, ttbar) or module:Class")
-    run_p.add_argument("--dataset", "-d", action="append", required=True)
-    run_p.add_argument("--chunk-size", type=int)
+    run_p = sub.add_parser(
+        "run", help="run a processor over datasets, or resume an interrupted run",
+        description="Run a coffea processor over catalog datasets on the facility's cluster. "
+                    "The run keeps a journal in its output folder: if it is interrupted "
+                    "(Ctrl-C, a killed command, a lost scheduler), `--resume NAME` processes "
+                    "only what is missing. Exit codes: 2 a wrong request, 3 bad input data, "
+                    "4 an error in your processor, 5 the facility (scheduler, cluster, servers).")
+    run_p.add_argument("processor", nargs="?",
+                       help="shipped name (dimuon, ttbar) or module:Class; optional with --resume")
+    run_p.add_argument("--dataset", "-d", action="append", help="catalog dataset (repeatable)")
+    run_p.add_argument("--chunk-size", type=_positive_int, metavar="EVENTS")
     run_p.add_argument("--skip-bad-input", action="store_true",
-                       help="finish without unreadable files and report them")
+                       help="finish without damaged or missing files and report them (never "
+                            "skips for unreachable servers or errors in the processor)")
+    run_p.add_argument("--max-skipped-fraction", type=float, metavar="F",
+                       help="with --skip-bad-input: fail if more than this fraction of the events "
+                            "is skipped (default: processing.max_skipped_fraction)")
+    run_p.add_argument("--name", help="the run's name: its folder in the output area")
+    run_p.add_argument("--resume", metavar="RUN",
+                       help="continue an interrupted run (its name or folder): only missing chunks "
+                            "are processed; a complete run's result is read back")
     run_p.add_argument("--output", help="output folder (default: a new one in the output area)")
     run_p.add_argument("--json", action="store_true", help="also print the summary as JSON")
     run_p.set_defaults(func=cmd_run)
@@ -377,6 +453,23 @@ def parser() -> argparse.ArgumentParser:
                        help="instead: seconds from connect() to N workers ready (default 1 2 4)")
     bench.set_defaults(func=cmd_bench)
 
+    chaos = sub.add_parser(
+        "chaos", help="check that runs lose nothing when parts of the facility are killed",
+        description="Run an analysis N times on the running embedded facility while SIGKILLing, "
+                    "at a random moment of each run, a worker, all workers, the nearest data "
+                    "server, the client (then --resume) or the scheduler (then --resume); compare "
+                    "each result bin by bin with a fault-free run. What is killed is restarted.")
+    chaos.add_argument("--runs", type=_positive_int, default=10, help="runs with a fault (default 10)")
+    chaos.add_argument("--faults", help="comma-separated subset of: worker, workers, server, "
+                                        "client, scheduler (default: all, in turn)")
+    chaos.add_argument("--processor", default="dimuon", help="shipped name or module:Class")
+    chaos.add_argument("--dataset", "-d", action="append",
+                       help="dataset (default: the first configured sample)")
+    chaos.add_argument("--chunk-size", type=_positive_int, metavar="EVENTS",
+                       help="default: about 40 chunks over the datasets")
+    chaos.add_argument("--seed", type=int, help="random seed for the faults' order and moments")
+    chaos.set_defaults(func=cmd_chaos)
+
     clusters = sub.add_parser("clusters", help="your Dask clusters: list, or stop some")
     clusters.add_argument("action", nargs="?", choices=["list", "stop"], default="list")
     clusters.add_argument("names", nargs="*", help="clusters to stop")
@@ -387,13 +480,34 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of events, got {value}")
+    return value
+
+
+def _report_error(exc: FacilityError) -> None:
+    err_console.print(f"[red]error ({exc.who}):[/red] {escape(str(exc))}", soft_wrap=True,
+                      emoji=False)
+    for note in getattr(exc, "__notes__", []):
+        err_console.print(f"  {note}", markup=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, ValueError, RuntimeError, LookupError, OSError) as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        return 2
+    except FacilityError as exc:
+        _report_error(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/red]; a run with a folder keeps what it finished: "
+                          "`facility run --resume NAME` continues it")
+        return 130
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from facility.errors import UsageError
+
 CONFIG_ENV = "FACILITY_CONFIG"
 ENV_PREFIX = "FACILITY_"
 DEFAULT_FILE_NAME = "facility.yaml"
@@ -26,7 +28,7 @@ Compression = Literal["zstd", "lz4", "zlib", "lzma"]
 SampleKind = Literal["drell_yan", "ttbar", "collision_data"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A setting is wrong; the message names the key, the source and what was expected."""
 
 
@@ -149,13 +151,29 @@ class ClusterConfig(_Strict):
 
 
 class ProcessingConfig(_Strict):
-    """How a dataset is cut into chunks and what happens to bad input."""
+    """How a dataset is cut into chunks, how failures are handled, how a run is kept."""
 
     chunk_size: int = Field(default=250_000, ge=1, description="target events per chunk")
-    retries: int = Field(default=2, ge=0, description="resubmissions of a chunk after a transient error")
+    retries: int = Field(default=2, ge=0,
+                         description="further tries of a chunk or preflight whose servers were "
+                                     "unavailable, or whose replicas all looked damaged (a "
+                                     "second worker confirms damage before a file is called bad)")
     on_bad_input: Literal["fail", "skip"] = Field(
-        default="fail", description="fail: stop naming the file; skip: finish and report it"
+        default="fail", description="fail: stop naming the file; skip: finish and report it "
+                                    "(only damaged or missing data is ever skipped)"
     )
+    max_skipped_fraction: float = Field(
+        default=0.05, ge=0.0, le=1.0,
+        description="with on_bad_input=skip: the run fails when more than this fraction of its "
+                    "events had to be skipped")
+    checkpoint_seconds: float = Field(
+        default=2.0, gt=0,
+        description="how often a run makes its merged result durable in its folder (what a "
+                    "resume after a crash need not process again)")
+    blackhole_failures: int = Field(
+        default=3, ge=1,
+        description="a worker on which this many tries failed, none succeeded, while other "
+                    "workers succeed, is retired from the run (broken disk or network)")
     open_timeout: int = Field(default=30, ge=1, description="seconds to open a remote file")
     open_files_per_worker: int = Field(default=16, ge=1, description="open-file cache per worker")
 

@@ -30,7 +30,7 @@ regions:
   - {{name: east, distance: 0, serve: {{xrootd_port: {free_port()}, http_port: {free_port()}}}}}
   - {{name: west, distance: 5, serve: {{xrootd_port: {free_port()}, http_port: {free_port()}}}}}
 cluster: {{min_workers: 2, max_workers: 2, memory_limit: 3GiB, dashboard_port: {free_port()}}}
-processing: {{chunk_size: 5000, open_timeout: 10}}
+processing: {{chunk_size: 5000, open_timeout: 10, checkpoint_seconds: 0.5}}
 batch: {{max_running_per_user: 1, workers: 1}}
 hub:
   port: {free_port()}

@@ -115,7 +115,7 @@ def _drop(config: FacilityConfig, name: str) -> None:
 
 def _slow_dimuon() -> DimuonProcessor:
     """A dimuon processor that takes long enough per chunk for a worker to die mid-run."""
-    import tests.slow_processor as slow
+    import tests.fault_processors as slow
 
     cloudpickle.register_pickle_by_value(slow)
     return slow.SlowDimuon(delay=0.3)
@@ -196,7 +196,8 @@ def test_bad_file_stops_the_run_naming_it(facility_config: FacilityConfig, how: 
 
 def test_skip_policy_reports_exactly_what_was_skipped(facility_config: FacilityConfig) -> None:
     _broken_dataset(facility_config, "corrupt")
-    result = run("dimuon", "Broken", config=facility_config, output=False, on_bad_input="skip")
+    result = run("dimuon", "Broken", config=facility_config, output=False, on_bad_input="skip",
+                 max_skipped_fraction=1.0)
     summary = result.summary
     skipped = summary["skipped"]
     assert skipped
@@ -252,25 +253,29 @@ def test_rerun_plans_from_remembered_files_with_identical_results(
         second = run("dimuon", "Again", config=facility_config, output=False)
     finally:
         _drop(facility_config, "Again")
-    assert first.summary["files"] == {"inspected": 1, "remembered": 0}
-    assert second.summary["files"] == {"inspected": 0, "remembered": 1}
+    assert (first.summary["files"]["inspected"], first.summary["files"]["remembered"]) == (1, 0)
+    assert (second.summary["files"]["inspected"], second.summary["files"]["remembered"]) == (0, 1)
     assert first.summary["events"] == second.summary["events"] == 20000
     assert np.array_equal(first.output["mass"].values(), second.output["mass"].values())
 
 
 def test_a_file_that_changed_since_it_was_inspected_is_named(
         facility_config: FacilityConfig) -> None:
-    from facility.processing.chunks import FileInfo, FileTask, plan_chunks
-    from facility.processing.reader import InputError, inspect_file, process_chunk
+    from facility.processing.plan import FileInfo, FileTask, plan_chunks
+    from facility.processing.reader import inspect_file, process_chunk
+    from facility.processing.receipts import Failure, Inspected
 
     source = sorted((facility_config.data_path / "east" / "DY").glob("*.root"))[0]
     task = FileTask("DY", source.name, "Events", (source.resolve().as_uri(),), 20000)
-    info = inspect_file(task, timeout=10)
-    assert info.entries == 20000
-    stale = FileInfo(task, info.url, 25000, info.cluster_starts)
+    inspected = inspect_file(task, timeout=10)
+    assert isinstance(inspected, Inspected)
+    assert inspected.info.entries == 20000
+    stale = FileInfo(task, inspected.info.url, 25000, inspected.info.cluster_starts)
     [chunk, *_] = plan_chunks(stale, 5000)
-    with pytest.raises(InputError, match=rf"DY/{source.name}.*20000 entries.*planned for 25000"):
-        process_chunk(DimuonProcessor(), chunk)
+    failure = process_chunk(DimuonProcessor(), chunk)
+    assert isinstance(failure, Failure)
+    assert failure.every_replica_damaged
+    assert "20000 entries, the run planned for 25000" in failure.describe_replicas()
 
 
 def test_unknown_dataset_and_processor_are_named(facility_config: FacilityConfig) -> None:

@@ -178,7 +178,7 @@ class JobRunner(ABC):
         while (job := self.store.claim_next(user, self.config.batch.max_running_per_user)):
             try:
                 handle = self.launch(job)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (any launch failure fails this job, not the queue)
                 self.store.finish(job.id, "failed", error=f"the job could not be started: "
                                                           f"{type(exc).__name__}: {exc}")
                 continue

@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
         outcome = execute(runner, job)
     except JobStopped as exc:
         outcome = Outcome("failed", int(exc.code or 1), Failure("the job was stopped"))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (whatever the job raised is its recorded failure)
         outcome = Outcome("failed", 1, Failure(f"{type(exc).__name__}: {exc}",
                                                traceback=traceback.format_exc()))
     finally:

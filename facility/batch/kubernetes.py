@@ -179,7 +179,7 @@ class KubernetesRunner(JobRunner):
     def ended(self, job: Job) -> tuple[JobState, str | None] | None:
         try:
             daskjob = self._daskjob(job)
-        except Exception:
+        except Exception:  # noqa: BLE001 (see the comment below)
             return None  # the API is out of reach: nothing is known, nothing changes
         if daskjob is None:
             return "failed", f"the DaskJob {job.handle['name']} was deleted"
@@ -203,7 +203,7 @@ class KubernetesRunner(JobRunner):
             pods = [p.raw for p in kr8s.get("pods", name, api=api)]
             events = [e.raw for e in kr8s.get("events", api=api)
                       if e.raw.get("involvedObject", {}).get("name") in (name, job.handle["name"])]
-        except Exception:
+        except Exception:  # noqa: BLE001 (see the comment below)
             return None  # not allowed to look, or out of reach: nothing is known
         waited = time.time() - (job.started or time.time())
         return runner_failure(pods[0] if pods else None, events, waited,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from facility.cluster.limits import Identity, WorkerRequest
+from facility.errors import UsageError
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE: tuple[JobState, ...] = ("queued", "running")
@@ -25,15 +26,15 @@ LOG_FILE = "job.log"
 RECORD_FILE = "job.json"
 
 
-class JobError(RuntimeError):
+class JobError(UsageError, RuntimeError):
     """A job cannot be submitted, found or changed; the message names the job or the input."""
 
 
-class JobInputError(ValueError):
+class JobInputError(UsageError, ValueError):
     """The submitted notebook, script or parameters are wrong; the message names the culprit."""
 
 
-class JobAccessError(LookupError):
+class JobAccessError(UsageError, LookupError):
     """A job id that does not exist, or belongs to another user."""
 
 

@@ -22,6 +22,7 @@ from distributed.security import Security
 from facility.cluster.limits import Identity, WorkerRequest, clamp, limits_for, report_clamps
 from facility.cluster.security import security_from
 from facility.config import FacilityConfig
+from facility.errors import InfrastructureError
 
 PROXY_PREFIX_ENV = "JUPYTERHUB_SERVICE_PREFIX"
 
@@ -34,7 +35,7 @@ def cluster_folder(config: FacilityConfig, name: str) -> Path:
     return clusters_path(config) / name
 
 
-class ClusterError(RuntimeError):
+class ClusterError(InfrastructureError, RuntimeError):
     """A cluster could not be started, reached or resized."""
 
 

@@ -214,7 +214,7 @@ class KubernetesBackend(ClusterBackend):
             return None
         try:
             pod = Pod.get(name, namespace=self.config.cluster.kubernetes.namespace, api=self._api())
-        except Exception:
+        except Exception:  # noqa: BLE001 (no owner pod found: the cluster is left unowned)
             return None
         return pod.name, pod.metadata.uid
 
@@ -242,7 +242,7 @@ class KubernetesBackend(ClusterBackend):
 
         try:
             found = list(kr8s.get("daskclusters", self.name, api=self._api()))
-        except Exception:
+        except Exception:  # noqa: BLE001 (unreachable API: the cluster counts as not running)
             return None
         if not found or found[0].raw.get("status", {}).get("phase") != "Running":
             return None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from dask.utils import format_bytes, parse_bytes
 
 from facility.config import FacilityConfig, Limits
+from facility.errors import UsageError
 
 USER_ENV = "JUPYTERHUB_USER"
 GROUPS_ENV = "FACILITY_GROUPS"
@@ -146,5 +147,5 @@ def _shape(request: WorkerRequest, what: str) -> str:
             "gpus": f"{request.gpus} GPUs"}[what]
 
 
-class LimitError(ValueError):
+class LimitError(UsageError, ValueError):
     """Not even one worker of the asked size fits the user's limits."""

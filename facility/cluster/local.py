@@ -35,7 +35,14 @@ from facility.cluster.base import ClusterBackend, ClusterError, ClusterInfo, clu
 from facility.cluster.limits import Identity, WorkerRequest
 from facility.cluster.security import create_credentials, security_from
 from facility.config import FacilityConfig
-from facility.embedded.services import Service, ServiceError, Supervisor, live_process, tail
+from facility.embedded.services import (
+    Service,
+    ServiceError,
+    Supervisor,
+    file_lock,
+    live_process,
+    tail,
+)
 
 OWNER_POLL_SECONDS = 0.5
 
@@ -77,6 +84,17 @@ class LocalBackend(ClusterBackend):
                 f"machine has {have}; ask for gpus=0 here, or use a GPU environment")
 
     def start(self) -> ClusterInfo:
+        """Start the cluster unless it runs. Commands started together take turns through a
+        lock: the first starts it, the others wait and attach to it."""
+        running = self.running()
+        if running is not None:
+            return running
+        lock = clusters_path(self.config) / f"{self.name}.lock"
+        with file_lock(lock, 2 * self.config.cluster.worker_start_timeout,
+                       f"cluster {self.name!r} to start"):
+            return self._start_locked()
+
+    def _start_locked(self) -> ClusterInfo:
         running = self.running() or self._starting_elsewhere()
         if running is not None:
             return running

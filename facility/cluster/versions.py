@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from facility.errors import InfrastructureError
+
 PACKAGES = ("python", "facility", "dask", "distributed", "coffea", "awkward", "uproot", "numpy",
             "hist", "cloudpickle", "msgpack")
 
 
-class VersionMismatch(RuntimeError):
+class VersionMismatch(InfrastructureError, RuntimeError):
     """The client and the cluster run different versions of packages that must agree."""
 
 

@@ -27,11 +27,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from facility.config import FacilityConfig
+from facility.errors import UsageError
 
 SCHEMES = ("file", "root", "https", "http", "s3")
 
 
-class CatalogError(ValueError):
+class CatalogError(UsageError, ValueError):
     """The catalog is missing, malformed, or does not hold what was asked for."""
 
 

@@ -38,7 +38,7 @@ def _existing_events(path: Path) -> int | None:
     try:
         with uproot.open(path) as handle:
             return int(handle[TREE_NAME].num_entries)
-    except Exception:
+    except Exception:  # noqa: BLE001 (unreadable for any reason: written again)
         return None
 
 

@@ -15,11 +15,12 @@ from pathlib import Path
 
 from facility.config import FacilityConfig, RegionConfig
 from facility.embedded.services import Service
+from facility.errors import InfrastructureError
 
 SERVER_ACCOUNT = "xrootd"
 
 
-class DataServerError(RuntimeError):
+class DataServerError(InfrastructureError, RuntimeError):
     """The XRootD server cannot be set up (missing binary, unreadable directory...)."""
 
 

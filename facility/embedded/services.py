@@ -9,20 +9,23 @@ for a running service, and a second ``up`` leaves a running service alone.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
+from facility.errors import InfrastructureError
 
-class ServiceError(RuntimeError):
+
+class ServiceError(InfrastructureError, RuntimeError):
     """A service did not start or stop; the message points at its log."""
 
 
@@ -84,17 +87,28 @@ class Supervisor:
             return None
 
     def process(self, name: str) -> psutil.Process | None:
-        """The live process of a service, or None (stale records are removed)."""
+        """The live process of a service, or None (stale records are removed, and whatever the
+        dead service left running in its process group is ended)."""
         record = self._read_record(name)
         if record is None:
             return None
         proc = live_process(record)
         if proc is None:
+            _end_leftovers(record)
             self._record_path(name).unlink(missing_ok=True)
         return proc
 
     def start(self, service: Service) -> tuple[psutil.Process, bool]:
-        """Start a service unless it already runs; returns (process, started_now)."""
+        """Start a service unless it already runs; returns (process, started_now).
+
+        Commands started together agree through a lock: one starts the service, the others
+        wait for it and find it running.
+        """
+        lock = self.run_dir / f"{service.name}.lock"
+        with file_lock(lock, service.start_timeout + 30, f"{service.name} to start"):
+            return self._start_unlocked(service)
+
+    def _start_unlocked(self, service: Service) -> tuple[psutil.Process, bool]:
         existing = self.process(service.name)
         if existing is not None:
             return existing, False
@@ -165,6 +179,45 @@ class Supervisor:
         return ServiceState(service.name, proc is not None, proc.pid if proc else None,
                             service.ports, healthy, service.description,
                             self.log_path(service.name))
+
+
+def _end_leftovers(record: dict) -> None:
+    """A service died (a SIGKILL, a crash) but its children may live on in its process group,
+    such as the worker processes of a killed scheduler: end them. A pid now used by another
+    process is left alone."""
+    pid = record.get("pid")
+    if not isinstance(pid, int):
+        return
+    try:
+        leader = psutil.Process(pid)
+        if leader.status() != psutil.STATUS_ZOMBIE:
+            return  # the pid was reused: that process and its group are not ours
+    except psutil.NoSuchProcess:
+        pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout: float, waiting_for: str) -> Iterator[None]:
+    """An exclusive lock among the processes of this machine; the kernel releases it when its
+    holder dies, so a killed command never leaves it stuck."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"waited {timeout:.0f} s for {waiting_for}: another "
+                                       f"command holds {path}") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _process_group(pid: int) -> int | None:

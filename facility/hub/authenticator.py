@@ -52,7 +52,7 @@ class VOAuthenticator(GenericOAuthenticator):
         try:
             token_info = await self.get_token_info(
                 handler, self.build_refresh_token_request_params(refresh_token))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (any refusal means: log in again)
             self.log.warning("Renewing the token of %s failed (%s); a new login is needed",
                              user.name, exc)
             return False

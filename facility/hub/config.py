@@ -22,6 +22,7 @@ from typing import Any, Literal
 from facility.cluster.kubernetes import USER_LABEL
 from facility.cluster.lab import LABEXTENSION_ENV
 from facility.config import CONFIG_ENV, FacilityConfig, VOConfig, load_config
+from facility.errors import UsageError
 from facility.hub.authenticator import VOAuthenticator
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
@@ -30,7 +31,7 @@ SERVER_SCOPES = ["users:activity!user", "access:servers!server", "admin:auth_sta
 TOKEN_FILE = ".facility/token"
 
 
-class HubConfigError(RuntimeError):
+class HubConfigError(UsageError, RuntimeError):
     """The hub cannot be configured (an unreachable issuer, a missing secret)."""
 
 

@@ -19,13 +19,14 @@ from pathlib import Path
 
 from facility.config import FacilityConfig
 from facility.embedded.services import Service, port_open
+from facility.errors import InfrastructureError
 from facility.hub.config import issuer_url, public_url
 
 PROVIDER_DIR = Path(__file__).parent / "provider"
 NODE_MODULES = PROVIDER_DIR / "node_modules"
 
 
-class HubSetupError(RuntimeError):
+class HubSetupError(InfrastructureError, RuntimeError):
     """Something the hub's services need is missing; the message says how to get it."""
 
 
@@ -119,6 +120,7 @@ def proxy_service(config: FacilityConfig) -> Service:
 HUB_CONFIG_FILE = """# Written by `facility up`: the hub's whole configuration comes from the facility's.
 from pathlib import Path
 from facility.hub.config import configure
+from facility.errors import InfrastructureError
 configure(c, config_file=Path({config_file!r}), spawner="local")
 """
 

@@ -42,15 +42,47 @@ def per_dataset(h: hist.Hist) -> Iterator[tuple[str | None, hist.Hist]]:
         yield str(value), cast(hist.Hist, h[{"dataset": value}])
 
 
-def save_histograms(result: Any, path: Path) -> list[str]:
-    written = []
+ROOT_MAX_AXES = 3
+
+
+def _root_axis(axis: Any) -> Any:
+    """ROOT has no integer axes: one becomes the regular axis of unit bins it is."""
+    if not isinstance(axis, hist.axis.Integer):
+        return axis
+    return hist.axis.Regular(len(axis), axis.edges[0], axis.edges[-1], name=axis.name,
+                             label=axis.label, underflow=axis.traits.underflow,
+                             overflow=axis.traits.overflow)
+
+
+def writable(h: hist.Hist) -> hist.Hist:
+    """The histogram as ROOT can hold it: the same contents bin by bin, with floating-point
+    counts (ROOT's TH* have no integer storage) and regular instead of integer axes."""
+    if len(h.axes) > ROOT_MAX_AXES:
+        raise ValueError(f"{len(h.axes)} axes: ROOT histograms have 1 to {ROOT_MAX_AXES}")
+    axes = [_root_axis(axis) for axis in h.axes]
+    integer = np.issubdtype(h.view(flow=True).dtype, np.integer)
+    if not integer and all(new is old for new, old in zip(axes, h.axes, strict=True)):
+        return h
+    storage = hist.storage.Double() if integer else h.storage_type()
+    converted = hist.Hist(*axes, storage=storage, name=h.name, label=h.label)
+    converted.view(flow=True)[...] = h.view(flow=True)
+    return converted
+
+
+def save_histograms(result: Any, path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Every histogram of the result as a ROOT histogram; those ROOT cannot hold are listed."""
+    written, refused = [], []
     with uproot.recreate(path) as out:
         for key, h in histograms(result):
             for dataset, single in per_dataset(h):
                 name = f"{key}/{dataset}" if dataset else key
-                out[name] = single
+                try:
+                    out[name] = writable(single)
+                except (ValueError, TypeError) as exc:
+                    refused.append({"histogram": name, "reason": str(exc)})
+                    continue
                 written.append(name)
-    return written
+    return written, refused
 
 
 def plot(result: Any, path: Path, summary: dict[str, Any]) -> bool:
@@ -120,14 +152,25 @@ def fit_peak(h: hist.Hist, low: float, high: float, guess: float, width: float) 
     }
 
 
-def save_run(out_dir: Path, result: Any, summary: dict[str, Any], ledger: ChunkLedger) -> None:
-    """Write every output of a run into its folder."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary["outputs"] = {"directory": str(out_dir)}
-    summary["outputs"]["histograms"] = str(out_dir / HIST_FILE)
-    summary["outputs"]["histogram_names"] = save_histograms(result, out_dir / HIST_FILE)
-    if plot(result, out_dir / PLOT_FILE, summary):
-        summary["outputs"]["plot"] = str(out_dir / PLOT_FILE)
-    ledger.write(out_dir / LEDGER_FILE)
-    summary["outputs"]["ledger"] = str(out_dir / LEDGER_FILE)
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+def write_outputs(staging: Path, final: Path, result: Any, summary: dict[str, Any],
+                  ledger: ChunkLedger) -> None:
+    """Histograms, plot, ledger and summary into ``staging``, naming their ``final`` places.
+
+    A histogram ROOT cannot hold or a plot that cannot be drawn is reported in the summary and
+    the rest is written; an error of the file system (disk full, no permission) propagates.
+    """
+    outputs: dict[str, Any] = {"directory": str(final), "histograms": str(final / HIST_FILE)}
+    summary["outputs"] = outputs
+    outputs["histogram_names"], refused = save_histograms(result, staging / HIST_FILE)
+    if refused:
+        outputs["not_in_root_file"] = refused
+    try:
+        if plot(result, staging / PLOT_FILE, summary):
+            outputs["plot"] = str(final / PLOT_FILE)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (a plot that cannot be drawn must not cost the result)
+        outputs["plot_error"] = f"{type(exc).__name__}: {exc}"
+    ledger.write(staging / LEDGER_FILE)
+    outputs["ledger"] = str(final / LEDGER_FILE)
+    (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))

@@ -1,4 +1,4 @@
-"""What runs on a worker: open a file (failing over between replicas), inspect it, process a chunk.
+"""What runs on a worker: open a file, inspect it, process a chunk, failing over between replicas.
 
 Speed comes from three things plain runners do not do:
 
@@ -8,34 +8,50 @@ Speed comes from three things plain runners do not do:
   (one vector read over ``root://``), and anything else it touches is still read lazily;
 * chunks sit on cluster boundaries, so no basket is decompressed twice.
 
-Errors that come from the input (unreachable, truncated, corrupt) become :class:`InputError`
-naming the dataset file and every replica tried; errors in the processor's own code pass through.
+Reliability comes from trying every replica inside the task before giving up: a replica whose
+server is down or whose bytes are damaged is dropped from the cache and the next one is read.
+What comes back is a receipt, or a :class:`~facility.processing.receipts.Failure` that says
+whether the data (every replica, each with its reason) or the user's code is to blame. An
+exception raised while the processor runs is the data's fault only if it was raised while
+reading *this chunk's file* (a frame of the traceback holds one of that file's uproot objects);
+anything else, a mistyped corrections file opened with uproot included, is the user's code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
+import sysconfig
 import time
 import traceback
+import types
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import uproot
 from coffea.nanoevents import NanoAODSchema, NanoEventsFactory
 
-from facility.processing.chunks import Chunk, FileInfo, FileTask
+from facility.processing.plan import Chunk, FileInfo, FileTask, endpoint
+from facility.processing.receipts import (
+    ChunkDone,
+    Failure,
+    Inspected,
+    ReplicaFailure,
+    ReplicaProblem,
+    replica_problem,
+    short,
+)
 
-READ_LIBRARIES = ("/uproot/", "/XRootD/", "/fsspec", "/fsspec_xrootd/", "/cramjam", "/zstandard")
 _open_files: OrderedDict[str, Any] = OrderedDict()
 _columns_touched: dict[str, set[str]] = {}
 _open_limit = 16
 # The deserialized TTree (hundreds of branch records) is kept with its open file: rebuilding it
 # for every chunk costs about as much as reading the chunk's columns.
 TREES_KEPT_PER_FILE = 4
-_failed_endpoints: dict[str, float] = {}
-FAILED_ENDPOINT_MEMORY = 60.0
+T = TypeVar("T")
 
 
 class FacilityNanoAODSchema(NanoAODSchema):
@@ -44,35 +60,32 @@ class FacilityNanoAODSchema(NanoAODSchema):
     warn_missing_crossrefs = False
 
 
-class InputError(Exception):
-    """An input file could not be read; names the file and why."""
+class ReplicaBroken(Exception):
+    """This replica cannot give the chunk (server down, bytes damaged): try the next one."""
 
-    def __init__(self, file: str, reason: str, url: str | None = None) -> None:
-        super().__init__(file, reason, url)
-        self.file, self.reason, self.url = file, reason, url
-
-    def __str__(self) -> str:
-        where = f" ({self.url})" if self.url else ""
-        return f"cannot read input file {self.file}{where}: {self.reason}"
+    def __init__(self, problem: ReplicaProblem, reason: str) -> None:
+        super().__init__(problem, reason)
+        self.problem, self.reason = problem, reason
 
 
-@dataclass
-class ChunkOutput:
-    """A processed chunk: the processor's accumulator and how it was obtained."""
+class UserCodeFailed(Exception):
+    """The processor raised, and not while reading this chunk's file."""
 
-    chunk_id: str
-    output: Any
-    events: int
-    replica: str
-    worker_pid: int
-    seconds: float
-    columns: list[str] = field(default_factory=list)
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
 
 
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return first[:300]
+class AllReplicasFailed(Exception):
+    """Every replica of a file was tried; carries each one's reason."""
+
+    def __init__(self, failures: tuple[ReplicaFailure, ...]) -> None:
+        super().__init__(failures)
+        self.failures = failures
+
+
+# ---------------------------------------------------------------------------------------------
+# the open-file cache
 
 
 def _open_tree(url: str, tree: str, timeout: int) -> Any:
@@ -85,66 +98,72 @@ def _open_tree(url: str, tree: str, timeout: int) -> Any:
     return handle
 
 
-def _endpoint(url: str) -> str:
-    return url.split("//", 2)[1] if url.count("//") >= 2 else url
+def cached_open(url: str, tree: str, timeout: int) -> Any:
+    """An open file (cached per worker process, least recently used closed first)."""
+    if url in _open_files:
+        _open_files.move_to_end(url)
+        return _open_files[url]
+    handle = _open_tree(url, tree, timeout)
+    _open_files[url] = handle
+    while len(_open_files) > _open_limit:
+        _, old = _open_files.popitem(last=False)
+        _close(old)
+    return handle
 
 
-def _replica_order(urls: tuple[str, ...]) -> list[str]:
-    """Replicas on endpoints that failed recently go last (they are still tried)."""
-    now = time.monotonic()
-    recent = {ep for ep, when in _failed_endpoints.items() if now - when < FAILED_ENDPOINT_MEMORY}
-    return sorted(urls, key=lambda url: _endpoint(url) in recent)
-
-
-def _server_unreachable(exc: BaseException) -> bool:
-    """A dead or unreachable server (not a missing or broken file on a live one)."""
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, OSError) and any(
-        sign in text for sign in ("connection", "expired", "socket", "unreachable"))
-
-
-def open_file(task: FileTask, timeout: int) -> tuple[str, Any]:
-    """The first readable replica of a file (cached per worker process)."""
-    failures = []
-    for url in _replica_order(task.urls):
-        if url in _open_files:
-            _open_files.move_to_end(url)
-            return url, _open_files[url]
-        try:
-            handle = _open_tree(url, task.tree, timeout)
-        except Exception as exc:
-            if _server_unreachable(exc):
-                _failed_endpoints[_endpoint(url)] = time.monotonic()
-            failures.append(f"{url}: {_short(exc)}")
-            continue
-        _open_files[url] = handle
-        while len(_open_files) > _open_limit:
-            _, old = _open_files.popitem(last=False)
-            old.close()
-        return url, handle
-    raise InputError(task.label, "no replica could be opened; " + "; ".join(failures))
+def _close(handle: Any) -> None:
+    # a handle on a dead server may fail to close; it is dropped all the same
+    with contextlib.suppress(Exception):
+        handle.close()
 
 
 def forget_file(url: str) -> None:
     handle = _open_files.pop(url, None)
     if handle is not None:
-        handle.close()
+        _close(handle)
 
 
-def inspect_file(task: FileTask, timeout: int) -> FileInfo:
-    """Preflight: entries and cluster boundaries of a file."""
-    url, handle = open_file(task, timeout)
-    try:
-        _check_complete(handle)
-        tree = handle[task.tree]
-        entries = int(tree.num_entries)
-        starts = tuple(int(x) for x in tree.common_entry_offsets())
-    except Exception as exc:
+def drop_endpoints(endpoints: frozenset[str] | set[str]) -> None:
+    """Close cached handles on endpoints the run found unhealthy: they are not read again."""
+    for url in [u for u in _open_files if endpoint(u) in endpoints]:
         forget_file(url)
-        raise InputError(task.label, _short(exc), url) from None
-    return FileInfo(task, url, entries, starts)
+
+
+def set_open_limit(limit: int) -> None:
+    global _open_limit
+    _open_limit = limit
+
+
+def _each_replica(task: FileTask, timeout: int, avoid: frozenset[str],
+                  attempt: Callable[[str, Any], T]) -> tuple[T, str, list[ReplicaFailure]]:
+    """``attempt(url, handle)`` on the first replica that gives a result, in the task's order.
+
+    A replica that cannot be opened, or whose attempt raises :class:`ReplicaBroken`, is dropped
+    from the cache and the next is tried; when none is left, :class:`AllReplicasFailed` carries
+    every reason.
+    """
+    drop_endpoints(avoid)
+    failures: list[ReplicaFailure] = []
+    for url in task.urls:
+        try:
+            handle = cached_open(url, task.tree, timeout)
+        except Exception as exc:  # noqa: BLE001 (every open error is this replica's problem)
+            failures.append(ReplicaFailure(url, replica_problem(exc), short(exc)))
+            continue
+        try:
+            return attempt(url, handle), url, failures
+        except ReplicaBroken as broken:
+            forget_file(url)
+            failures.append(ReplicaFailure(url, broken.problem, broken.reason))
+    raise AllReplicasFailed(tuple(failures))
+
+
+def _input_failure(task: FileTask, failures: tuple[ReplicaFailure, ...], what: str) -> Failure:
+    return Failure("input", failures, message=f"{what} of {task.label}: no replica could be read")
+
+
+# ---------------------------------------------------------------------------------------------
+# preflight
 
 
 def _check_complete(handle: Any) -> None:
@@ -155,9 +174,30 @@ def _check_complete(handle: Any) -> None:
         raise ValueError(f"truncated: {actual} bytes, the ROOT header says {expected}")
 
 
-def _raised_while_reading(tb: TracebackType | None) -> bool:
-    return any(any(lib in frame.filename for lib in READ_LIBRARIES)
-               for frame in traceback.extract_tb(tb))
+def _inspect(task: FileTask, url: str, handle: Any) -> FileInfo:
+    try:
+        _check_complete(handle)
+        tree = handle[task.tree]
+        entries = int(tree.num_entries)
+        starts = tuple(int(x) for x in tree.common_entry_offsets())
+    except Exception as exc:  # noqa: BLE001 (anything raised reading the header is the replica's)
+        raise ReplicaBroken(replica_problem(exc), short(exc)) from None
+    return FileInfo(task, url, entries, starts)
+
+
+def inspect_file(task: FileTask, timeout: int, avoid: frozenset[str] = frozenset()
+                 ) -> Inspected | Failure:
+    """Preflight: entries and cluster boundaries of the first readable replica."""
+    try:
+        info, _url, failed = _each_replica(task, timeout, avoid,
+                                           lambda url, handle: _inspect(task, url, handle))
+    except AllReplicasFailed as every:
+        return _input_failure(task, every.failures, "preflight")
+    return Inspected(info, worker=f"pid {os.getpid()}", replicas_failed=tuple(failed))
+
+
+# ---------------------------------------------------------------------------------------------
+# processing
 
 
 def processor_key(processor: Any) -> str:
@@ -165,46 +205,150 @@ def processor_key(processor: Any) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
-def process_chunk(processor: Any, chunk: Chunk, timeout: int = 30,
-                  open_limit: int | None = None) -> ChunkOutput:
-    """Run a coffea processor over one chunk and return its accumulator."""
-    started = time.perf_counter()
-    if open_limit is not None:
-        set_open_limit(open_limit)
-    url, handle = open_file(chunk.file, timeout)
+def _anchors(handle: Any) -> set[int]:
+    """Identities of the objects through which this file is read."""
+    file = handle.file
+    source = file.source
+    objects = [handle, file, source, getattr(source, "_resource", None)]
+    return {id(o) for o in objects if o is not None}
+
+
+def _plain_attribute(value: Any, name: str) -> Any:
+    """An instance attribute without running a property (which could read data)."""
+    try:
+        found = inspect.getattr_static(value, name)
+    except AttributeError:
+        return None
+    if isinstance(found, types.MemberDescriptorType):
+        return found.__get__(value, type(value))
+    if isinstance(found, property) or hasattr(found, "__get__"):
+        return None
+    return found
+
+
+def _refers_to(value: Any, anchors: set[int]) -> bool:
+    if id(value) in anchors:
+        return True
+    if not type(value).__module__.startswith("uproot"):
+        return False
+    return any(id(_plain_attribute(value, name)) in anchors
+               for name in ("_file", "_source", "_resource", "source", "file"))
+
+
+def raised_reading(tb: types.TracebackType | None, anchors: set[int]) -> bool:
+    """Whether a frame of the traceback was reading the file these anchors belong to."""
+    for frame, _line in traceback.walk_tb(tb):
+        if frame.f_code.co_filename == __file__:
+            continue
+        if any(_refers_to(value, anchors) for value in frame.f_locals.values()):
+            return True
+    return False
+
+
+_LIBRARY_ROOTS = tuple(sorted({str(Path(p).resolve()) for key, p in sysconfig.get_paths().items()
+                               if key in ("stdlib", "platstdlib", "purelib", "platlib")}))
+_FACILITY_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def users_own_file(filename: str) -> bool:
+    """A source file of the user's (beside their notebook): neither Python's, nor an installed
+    package's, nor the facility's."""
+    if filename.startswith("<"):
+        return False
+    return not str(Path(filename).resolve()).startswith((*_LIBRARY_ROOTS, _FACILITY_ROOT))
+
+
+def _user_files(processor: Any) -> set[str]:
+    files = set()
+    for cls in type(processor).__mro__:
+        try:
+            files.add(str(Path(inspect.getfile(cls)).resolve()))
+        except (TypeError, OSError):
+            continue
+    return files
+
+
+def _is_user_file(filename: str, own: set[str]) -> bool:
+    """The processor's own files (a shipped processor too), or any file of the user's."""
+    if not filename.startswith("<") and str(Path(filename).resolve()) in own:
+        return True
+    return users_own_file(filename)
+
+
+def user_code_failure(exc: BaseException, processor: Any, chunk: Chunk) -> Failure:
+    """The processor's exception with the place in the user's code where it started."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = _user_files(processor)
+    mine = [f for f in frames if _is_user_file(f.filename, own)]
+    where = None
+    if mine:
+        last = mine[-1]
+        where = f"{last.filename}:{last.lineno} in {last.name}"
+        if last.line:
+            where += f": {last.line.strip()}"
+    # the user's own frames, and where it finally raised if that was in a library
+    shown = mine + [f for f in frames[-1:] if f not in mine and f.filename != __file__]
+    text = "".join(traceback.format_list(shown[-12:])) + "".join(
+        traceback.format_exception_only(type(exc), exc))
+    hint = " (likely memory: try a smaller chunk_size)" if isinstance(exc, MemoryError) else ""
+    return Failure("user", message=f"the processor failed on chunk {chunk.chunk_id}: "
+                   f"{short(exc)}{hint}", where=where, traceback=text)
+
+
+def _events(chunk: Chunk, handle: Any, preload: list[str], accessed: list[Any]) -> Any:
+    metadata = {"dataset": chunk.file.dataset, "filename": chunk.file.name,
+                "entrystart": chunk.entry_start, "entrystop": chunk.entry_stop,
+                **chunk.file.metadata}
+    return NanoEventsFactory.from_root(
+        handle, treepath=chunk.file.tree, entry_start=chunk.entry_start,
+        entry_stop=chunk.entry_stop, mode="virtual", preload=preload or None,
+        schemaclass=FacilityNanoAODSchema, metadata=metadata, access_log=accessed,
+    ).events()
+
+
+def _call(processor: Any, events: Any) -> Any:
+    """The processor, in a frame that holds no handle of the file (see :func:`raised_reading`)."""
+    return processor.process(events)
+
+
+def _process_on(processor: Any, chunk: Chunk, handle: Any) -> tuple[Any, list[str]]:
     tree = handle[chunk.file.tree]
     if chunk.file_entries >= 0 and tree.num_entries != chunk.file_entries:
-        forget_file(url)
-        raise InputError(chunk.file.label, f"the file has {tree.num_entries} entries, the run "
-                         f"planned for {chunk.file_entries}: it changed after it was inspected", url)
+        raise ReplicaBroken("damaged", f"the file has {tree.num_entries} entries, the run planned "
+                                       f"for {chunk.file_entries}: this replica differs or the "
+                                       "file changed after it was inspected")
     key = processor_key(processor)
     preload = sorted(name for name in _columns_touched.get(key, ()) if name in tree)
     accessed: list[Any] = []
-    metadata = {"dataset": chunk.file.dataset, "filename": chunk.file.name, **chunk.file.metadata}
     try:
-        events = NanoEventsFactory.from_root(
-            handle, treepath=chunk.file.tree, entry_start=chunk.entry_start,
-            entry_stop=chunk.entry_stop, mode="virtual", preload=preload or None,
-            schemaclass=FacilityNanoAODSchema, metadata=metadata, access_log=accessed,
-        ).events()
-    except Exception as exc:
-        forget_file(url)
-        raise InputError(chunk.file.label, f"entries {chunk.entry_start}-{chunk.entry_stop}: "
-                         f"{_short(exc)}", url) from None
+        events = _events(chunk, handle, preload, accessed)
+    except Exception as exc:  # noqa: BLE001 (building the events reads only this file)
+        raise ReplicaBroken(replica_problem(exc), short(exc)) from None
     try:
-        output = processor.process(events)
-    except Exception as exc:
-        if not _raised_while_reading(exc.__traceback__):
-            raise
-        forget_file(url)
-        raise InputError(chunk.file.label, f"entries {chunk.entry_start}-{chunk.entry_stop}: "
-                         f"{_short(exc)}", url) from None
+        output = _call(processor, events)
+    except Exception as exc:  # noqa: BLE001 (sorted into the file's fault or the user's below)
+        if raised_reading(exc.__traceback__, _anchors(handle)):
+            raise ReplicaBroken(replica_problem(exc), short(exc)) from None
+        raise UserCodeFailed(user_code_failure(exc, processor, chunk)) from None
     columns = sorted({entry.branch for entry in accessed})
     _columns_touched.setdefault(key, set()).update(columns)
-    return ChunkOutput(chunk.chunk_id, output, chunk.events, url, os.getpid(),
-                       time.perf_counter() - started, columns)
+    return output, columns
 
 
-def set_open_limit(limit: int) -> None:
-    global _open_limit
-    _open_limit = limit
+def process_chunk(processor: Any, chunk: Chunk, timeout: int = 30,
+                  open_limit: int | None = None, avoid: frozenset[str] = frozenset()
+                  ) -> ChunkDone | Failure:
+    """Run a coffea processor over one chunk, from the first replica that can give it."""
+    started = time.perf_counter()
+    if open_limit is not None:
+        set_open_limit(open_limit)
+    try:
+        (output, columns), url, failed = _each_replica(
+            chunk.file, timeout, avoid, lambda url, handle: _process_on(processor, chunk, handle))
+    except UserCodeFailed as user:
+        return user.failure
+    except AllReplicasFailed as every:
+        return _input_failure(chunk.file, every.failures,
+                              f"entries {chunk.entry_start}-{chunk.entry_stop}")
+    return ChunkDone(chunk.chunk_id, output, chunk.events, url, f"pid {os.getpid()}",
+                     time.perf_counter() - started, tuple(columns), tuple(failed))

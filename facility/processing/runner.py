@@ -1,59 +1,66 @@
 """``facility.run``: a coffea processor over catalog datasets on the facility's Dask cluster.
 
-The path of a run: catalog -> replicas ranked (nearest healthy first) -> preflight on the
-cluster (entries and cluster boundaries of each file, remembered for re-runs) -> that file's
-chunks submitted at once, one task per chunk -> results merged as they finish, each chunk
-settled exactly once in the ledger -> postprocess -> outputs (histograms, plot, summary,
-ledger) in the user's output area.
+A run is wired from stages that each live in a module of their own:
+
+* **plan** (:mod:`.plan`): catalog -> files -> replicas ranked -> preflight -> chunks on cluster
+  boundaries;
+* **dispatch** (:mod:`.dispatch`): the processor shipped once, preflights and chunks submitted,
+  outcomes back in batches (the only code that talks to the cluster);
+* **policy** (:mod:`.policy`): what a failure means: next replica, retry, skip, or stop;
+* **ledger** and **journal** (:mod:`.ledger`, :mod:`.journal`): every chunk settled exactly once,
+  durably, so that ``resume=`` processes only what is missing;
+* **reduce** (:mod:`.reduce`): the merged result and exactly which chunks it holds.
+
+:mod:`.engine` keeps the run's state machine between them. This module starts a run or resumes
+one, builds its summary and writes its outputs (:mod:`.runfolder`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Literal
 
-from coffea.processor import ProcessorABC, accumulate
-from distributed import Client, Future, as_completed
-from distributed.client import FutureCancelledError
-from distributed.scheduler import KilledWorker
+import cloudpickle
+from coffea.processor import ProcessorABC
+from distributed import Client
 
 from facility.cluster.base import backend_for
 from facility.cluster.connect import connect, job_cluster
 from facility.config import FacilityConfig, load_config
-from facility.data.catalog import Dataset, load_catalog, rank_replicas
-from facility.processing.chunks import Chunk, FileInfo, FileTask, plan_chunks
+from facility.data.catalog import load_catalog
+from facility.errors import UsageError
+from facility.processing.dispatch import Dispatcher, close_client, processor_payload
+from facility.processing.engine import (
+    BadInputError,
+    ProcessorError,
+    Progress,
+    Request,
+    Run,
+    RunError,
+    RunInterrupted,
+    RunSettings,
+)
+from facility.processing.journal import Journal, Replay, now, replay
 from facility.processing.ledger import ChunkLedger
+from facility.processing.plan import (
+    FileTask,
+    checked_chunk_size,
+    checked_fraction,
+    file_tasks,
+)
 from facility.processing.processors import load_processor
-from facility.processing.reader import ChunkOutput, InputError, inspect_file, process_chunk
+from facility.processing.reader import processor_key
+from facility.processing.runfolder import RunFolder
 
-TRANSIENT = (KilledWorker, OSError, TimeoutError)
-
-
-class RunError(RuntimeError):
-    """A run stopped; the message says which input or chunk and what to do."""
-
-
-@dataclass
-class Progress:
-    """Where a run stands; handed to the progress callback after every settled chunk."""
-
-    chunks_done: int
-    chunks_total: int
-    events: int
-    elapsed: float
-    partial: Any = None
-
-    @property
-    def events_per_second(self) -> float:
-        return self.events / self.elapsed if self.elapsed > 0 else 0.0
+SPEC_VERSION = 1
+__all__ = ["BadInputError", "ProcessorError", "Progress", "RunError", "RunInterrupted",
+           "RunResult", "run"]
 
 
 @dataclass
@@ -62,209 +69,11 @@ class RunResult:
     summary: dict[str, Any]
     output_dir: Path | None = None
     ledger: ChunkLedger = field(default_factory=ChunkLedger)
+    output_error: str | None = None
 
 
-def _endpoint_reachable(url: str, timeout: float = 2.0) -> bool:
-    parts = urlsplit(url)
-    if parts.scheme == "file":
-        return Path(parts.path).exists()
-    default_ports = {"root": 1094, "https": 443, "http": 80, "s3": 443}
-    port = parts.port or default_ports.get(parts.scheme, 443)
-    try:
-        with socket.create_connection((parts.hostname or "localhost", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def file_tasks(datasets: Iterable[Dataset], config: FacilityConfig) -> list[FileTask]:
-    """Logical files with replicas ranked: nearest region first, unreachable endpoints last."""
-    datasets = list(datasets)
-    endpoints = {r.endpoint: r.url for ds in datasets for f in ds.files for r in f.replicas}
-    unhealthy = {ep for ep, url in endpoints.items() if not _endpoint_reachable(url)}
-    tasks = []
-    for ds in datasets:
-        metadata = ds.metadata.model_dump(exclude_none=True)
-        for entry in ds.files:
-            ranked = rank_replicas(entry.replicas, config, unhealthy)
-            tasks.append(FileTask(ds.name, entry.name, ds.tree, tuple(r.url for r in ranked),
-                                  entry.events, metadata))
-    return tasks
-
-
-def _bad_input_message(exc: InputError) -> str:
-    return (f"{exc}\nThe run stopped. Fix or remove the file in the catalog, or finish without "
-            "it with on_bad_input='skip' (command line: --skip-bad-input).")
-
-
-def _settle(futures: Iterable[Future]) -> None:
-    for future in list(futures):
-        future.cancel()
-
-
-# Preflight results of this process. A re-run over the same files (the usual interactive loop)
-# submits its chunks at once; each chunk still checks on the worker that its file has the
-# entries the plan was made for, and a file that fails is inspected again next time.
-_inspected: dict[tuple, FileInfo] = {}
-INSPECTED_KEPT = 100_000
-
-
-def _inspection_key(task: FileTask) -> tuple:
-    return (task.label, task.urls, task.catalog_events)
-
-
-def _remember(info: FileInfo) -> None:
-    if len(_inspected) >= INSPECTED_KEPT:
-        _inspected.pop(next(iter(_inspected)))
-    _inspected[_inspection_key(info.task)] = info
-
-
-def _forget(task: FileTask) -> None:
-    for key in [k for k in _inspected if k[0] == task.label]:
-        del _inspected[key]
-
-
-def _with_working_replica_first(info: FileInfo) -> FileInfo:
-    urls = (info.url, *(u for u in info.task.urls if u != info.url))
-    return dataclasses.replace(info, task=dataclasses.replace(info.task, urls=urls))
-
-
-class _ChunkRunner:
-    """Inspects files and processes their chunks in one stream of tasks.
-
-    A file's chunks are submitted as soon as that file is inspected, so the first results
-    arrive while later files are still being opened. Results are merged as they finish, and
-    what a lost worker took along is retried.
-    """
-
-    def __init__(self, client: Client, processor: ProcessorABC, config: FacilityConfig,
-                 on_bad_input: str, chunk_size: int,
-                 progress: Callable[[Progress], None] | None) -> None:
-        self.client, self.processor, self.config = client, processor, config
-        self.on_bad_input, self.chunk_size, self.progress = on_bad_input, chunk_size, progress
-        self.ledger = ChunkLedger()
-        self.accumulator: Any = None
-        self.infos: list[FileInfo] = []
-        self.skipped: list[dict] = []
-        self.columns: set[str] = set()
-        self.replicas_used: dict[str, int] = {}
-        self.workers_used: set[int] = set()
-        self.run_id = uuid.uuid4().hex[:10]
-        self.work: dict[str, Chunk | FileTask] = {}
-        self.inspections: dict[str, int] = {}
-        self.remembered = 0
-        self.pending = as_completed(loop=client.loop)
-        self.processor_future: Any = None
-        self.started = 0.0
-
-    def _key(self, kind: str, attempt: int) -> str:
-        return f"{kind}-{self.run_id}-{len(self.work)}-{uuid.uuid4().hex[:6]}-try{attempt}"
-
-    def inspect(self, task: FileTask) -> None:
-        attempt = self.inspections[task.label] = self.inspections.get(task.label, 0) + 1
-        key = self._key("preflight", attempt)
-        self.work[key] = task
-        self.pending.add(self.client.submit(inspect_file, task, self.config.processing.open_timeout,
-                                            key=key, pure=False))
-
-    def submit(self, chunk: Chunk) -> None:
-        key = self._key("chunk", self.ledger.attempt(chunk.chunk_id))
-        self.work[key] = chunk
-        self.pending.add(self.client.submit(
-            process_chunk, self.processor_future, chunk, self.config.processing.open_timeout,
-            self.config.processing.open_files_per_worker, key=key, pure=False))
-
-    def plan(self, info: FileInfo) -> None:
-        self.infos.append(info)
-        for chunk in plan_chunks(_with_working_replica_first(info), self.chunk_size):
-            self.ledger.add(chunk)
-            self.submit(chunk)
-
-    def run(self, tasks: list[FileTask], started: float) -> None:
-        self.started = started
-        if not tasks:
-            return
-        [self.processor_future] = self.client.scatter([self.processor], hash=False, broadcast=True)
-        for task in tasks:
-            known = _inspected.get(_inspection_key(task))
-            if known is None:
-                self.inspect(task)
-            else:
-                self.remembered += 1
-                self.plan(known)
-        try:
-            for future in self.pending:
-                item = self.work.pop(future.key)
-                try:
-                    self._settle_future(future, item)
-                finally:
-                    future.release()
-        except BaseException:
-            _settle(self.pending.futures)
-            raise
-        order = {task.label: i for i, task in enumerate(tasks)}
-        self.infos.sort(key=lambda info: order[info.task.label])
-
-    def _settle_future(self, future: Future, item: Chunk | FileTask) -> None:
-        try:
-            result = future.result()
-        except InputError as exc:
-            self._bad_input(exc, item)
-        except TRANSIENT as exc:
-            self._retry_or_fail(exc, item)
-        except FutureCancelledError:
-            return
-        except Exception as exc:
-            what = (f"the processor failed on chunk {item.chunk_id}" if isinstance(item, Chunk)
-                    else f"inspecting {item.label} failed")
-            raise RunError(f"{what}: {type(exc).__name__}: {exc}") from exc
-        else:
-            if isinstance(item, Chunk):
-                self._merge(result)
-            else:
-                _remember(result)
-                self.plan(result)
-
-    def _merge(self, out: ChunkOutput) -> None:
-        if not self.ledger.settle_done(out.chunk_id, replica=out.replica,
-                                       worker=str(out.worker_pid), seconds=out.seconds):
-            return
-        self.accumulator = out.output if self.accumulator is None else accumulate(
-            [self.accumulator, out.output])
-        self.columns.update(out.columns)
-        self.replicas_used[out.replica] = self.replicas_used.get(out.replica, 0) + 1
-        self.workers_used.add(out.worker_pid)
-        if self.progress:
-            self.progress(Progress(self.ledger.count("done") + self.ledger.count("skipped"),
-                                   len(self.ledger.entries), self.ledger.events("done"),
-                                   time.perf_counter() - self.started, self.accumulator))
-
-    def _bad_input(self, exc: InputError, item: Chunk | FileTask) -> None:
-        _forget(item.file if isinstance(item, Chunk) else item)
-        if self.on_bad_input == "fail":
-            raise RunError(_bad_input_message(exc)) from None
-        if isinstance(item, Chunk):
-            self.ledger.settle_skipped(item.chunk_id, str(exc))
-        else:
-            self.skipped.append({"file": exc.file, "url": exc.url, "entries": "all",
-                                 "reason": exc.reason, "stage": "preflight"})
-
-    def _retry_or_fail(self, exc: BaseException, item: Chunk | FileTask) -> None:
-        if isinstance(item, FileTask):
-            attempts, what = self.inspections[item.label], f"inspecting {item.label}"
-        else:
-            entry = self.ledger.entries[item.chunk_id]
-            if entry.state != "pending":
-                return
-            attempts, what = entry.attempts, f"chunk {item.chunk_id}"
-        if attempts <= self.config.processing.retries:
-            if isinstance(item, FileTask):
-                self.inspect(item)
-            else:
-                self.submit(item)
-            return
-        raise RunError(f"{what} failed {attempts} times, last: "
-                       f"{type(exc).__name__}: {exc}") from exc
+# ---------------------------------------------------------------------------------------------
+# starting, resuming and finishing a run
 
 
 def _as_processor(processor: ProcessorABC | str) -> ProcessorABC:
@@ -278,54 +87,34 @@ def _client_for(config: FacilityConfig, client: Client | None) -> tuple[Client, 
     if job_cluster() is not None:
         return connect(config=config), True
     backend = backend_for(config)
-    new = backend.client()
-    backend.wait_for_workers(new, max(1, config.cluster.min_workers))
+    try:
+        new = backend.client()
+    except OSError as exc:
+        raise RunInterrupted(f"cannot reach the Dask scheduler of cluster {backend.name!r}: "
+                             f"{exc}; check it with `facility status`") from exc
+    try:
+        backend.wait_for_workers(new, max(1, config.cluster.min_workers))
+    except OSError as exc:
+        close_client(new)
+        raise RunInterrupted(f"the Dask scheduler of cluster {backend.name!r} went away while "
+                             f"the run waited for workers: {exc}") from exc
     return new, True
 
 
-def run(processor: ProcessorABC | str, dataset: str | list[str], *,
-        config: FacilityConfig | None = None, client: Client | None = None,
-        chunk_size: int | None = None, on_bad_input: str | None = None,
-        output: bool | Path = True, progress: Callable[[Progress], None] | None = None,
-        name: str | None = None) -> RunResult:
-    """Run a coffea processor over one or more catalog datasets; returns merged results.
-
-    ``output=True`` writes histograms, plot, summary and ledger to a new folder of the
-    configured output area, a path writes there, ``False`` writes nothing.
-    """
-    config = config or load_config()
-    processor = _as_processor(processor)
-    policy = on_bad_input or config.processing.on_bad_input
-    if policy not in ("fail", "skip"):
-        raise RunError(f"on_bad_input must be 'fail' or 'skip', got {policy!r}")
-    names = [dataset] if isinstance(dataset, str) else list(dataset)
-    catalog = load_catalog(config.catalog_path)
-    datasets = [catalog.get(n) for n in names]
-    client, owned = _client_for(config, client)
-    started = time.perf_counter()
-    runner = _ChunkRunner(client, processor, config, policy,
-                          chunk_size or config.processing.chunk_size, progress)
-    try:
-        runner.run(file_tasks(datasets, config), started)
-    finally:
-        if owned:
-            client.close()
-    runner.ledger.check_complete()
-    wall = time.perf_counter() - started
-    result = processor.postprocess(runner.accumulator) if runner.accumulator is not None else {}
-    summary = _summary(names, processor, runner, wall, catalog_events={
-        ds.name: ds.events for ds in datasets})
-    summarize = getattr(processor, "summarize", None)
-    if callable(summarize) and result:
-        summary["analysis"] = summarize(result)
-    out_dir = None
-    if output:
-        from facility.processing.output import save_run
-
-        out_dir = Path(output) if isinstance(output, Path | str) and not isinstance(output, bool) \
-            else config.output_path / (name or _run_name(processor, names))
-        save_run(out_dir, result, summary, runner.ledger)
-    return RunResult(result, summary, out_dir, runner.ledger)
+def _settings(config: FacilityConfig, chunk_size: int | None, on_bad_input: str | None,
+              max_skipped_fraction: float | None) -> RunSettings:
+    processing = config.processing
+    policy_name = on_bad_input or processing.on_bad_input
+    if policy_name not in ("fail", "skip"):
+        raise UsageError(f"on_bad_input must be 'fail' or 'skip', got {policy_name!r}")
+    return RunSettings(
+        chunk_size=checked_chunk_size(chunk_size, processing.chunk_size),
+        skip_bad_input=policy_name == "skip",
+        max_skipped_fraction=checked_fraction(max_skipped_fraction,
+                                              processing.max_skipped_fraction),
+        retries=processing.retries, checkpoint_seconds=processing.checkpoint_seconds,
+        blackhole_failures=processing.blackhole_failures, open_timeout=processing.open_timeout,
+        open_files=processing.open_files_per_worker)
 
 
 def _run_name(processor: ProcessorABC, datasets: list[str]) -> str:
@@ -334,40 +123,278 @@ def _run_name(processor: ProcessorABC, datasets: list[str]) -> str:
     return f"{stamp}-{short}-{'+'.join(datasets)[:60]}-{uuid.uuid4().hex[:4]}"
 
 
-def _summary(names: list[str], processor: ProcessorABC, runner: _ChunkRunner, wall: float,
-             catalog_events: dict[str, int]) -> dict[str, Any]:
-    ledger, infos, skipped = runner.ledger, runner.infos, list(runner.skipped)
-    for entry in ledger.entries.values():
-        if entry.state == "skipped":
-            skipped.append({"file": entry.chunk.file.label, "url": entry.chunk.file.urls[0],
-                            "entries": [entry.chunk.entry_start, entry.chunk.entry_stop],
-                            "reason": entry.reason, "stage": "processing"})
-    per_dataset: dict[str, dict[str, int]] = {}
-    for name in names:
-        done = [e for e in ledger.entries.values() if e.chunk.file.dataset == name]
-        per_dataset[name] = {
-            "files": sum(1 for i in infos if i.task.dataset == name),
-            "events_in_catalog": catalog_events.get(name, 0),
-            "events_processed": sum(e.chunk.events for e in done if e.state == "done"),
-            "events_skipped": sum(e.chunk.events for e in done if e.state == "skipped"),
-            "chunks": len(done),
+def _output_path(output: bool | Path | str) -> Path | None:
+    return None if isinstance(output, bool) else Path(output)
+
+
+def _new_request(config: FacilityConfig, processor: ProcessorABC | str | None,
+                 dataset: str | list[str] | None, settings: RunSettings,
+                 output: bool | Path | str, name: str | None) -> Request:
+    if processor is None or not dataset:
+        raise UsageError("a run needs a processor and at least one dataset (or resume=NAME)")
+    instance = _as_processor(processor)
+    names = [dataset] if isinstance(dataset, str) else list(dataset)
+    catalog = load_catalog(config.catalog_path)
+    datasets = [catalog.get(n) for n in names]
+    request = Request(instance, processor_payload(instance), names, file_tasks(datasets, config),
+                      {ds.name: ds.events for ds in datasets}, settings)
+    if output is not False:
+        request.folder = RunFolder.for_new_run(config, name, _output_path(output),
+                                               _run_name(instance, names))
+    return request
+
+
+def _spec(request: Request, folder: RunFolder) -> dict[str, Any]:
+    settings = request.settings
+    return {"version": SPEC_VERSION, "name": folder.name, "created": now(),
+            "processor": processor_key(request.processor), "datasets": request.datasets,
+            "chunk_size": settings.chunk_size,
+            "on_bad_input": "skip" if settings.skip_bad_input else "fail",
+            "max_skipped_fraction": settings.max_skipped_fraction,
+            "catalog_events": request.catalog_events,
+            "files": [task.as_record() for task in request.tasks]}
+
+
+def _resumed_request(config: FacilityConfig, folder: RunFolder,
+                     processor: ProcessorABC | str | None, chunk_size: int | None,
+                     on_bad_input: str | None, max_skipped_fraction: float | None) -> Request:
+    state = replay(folder.path)
+    spec = state.spec
+    if chunk_size is not None and chunk_size != spec["chunk_size"]:
+        raise UsageError(f"run {folder.name!r} was planned with chunk_size {spec['chunk_size']:,}; "
+                         "a resumed run keeps it (start a new run for another)")
+    settings = _settings(config, spec["chunk_size"], on_bad_input or spec["on_bad_input"],
+                         spec["max_skipped_fraction"] if max_skipped_fraction is None
+                         else max_skipped_fraction)
+    if processor is not None:
+        instance = _as_processor(processor)
+        if processor_key(instance) != spec["processor"]:
+            raise UsageError(f"run {folder.name!r} was made with processor {spec['processor']}, "
+                             f"not {processor_key(instance)}")
+        payload = processor_payload(instance)
+    else:
+        instance, payload = _saved_processor(folder, state), state.processor
+    tasks = [FileTask.from_record(record) for record in spec["files"]]
+    return Request(instance, payload, spec["datasets"], tasks, spec["catalog_events"], settings,
+                   folder, state)
+
+
+def _saved_processor(folder: RunFolder, state: Replay) -> ProcessorABC:
+    try:
+        instance = cloudpickle.loads(state.processor)
+    except Exception as exc:
+        raise UsageError(f"the processor saved with run {folder.name!r} cannot be loaded "
+                         f"({type(exc).__name__}: {exc}); pass the processor to resume it") from exc
+    if not isinstance(instance, ProcessorABC):
+        raise UsageError(f"{folder.path / 'processor.pkl'} does not hold a coffea processor")
+    return instance
+
+
+def _resume_hint(config: FacilityConfig, folder: RunFolder | None) -> str:
+    if folder is None:
+        return "run it again (a run with an output folder could be resumed instead)"
+    reference = folder.reference(config)
+    return (f"resume it, processing only what is missing: `facility run --resume {reference}` "
+            f"(Python: resume={reference!r})")
+
+
+def run(processor: ProcessorABC | str | None = None, dataset: str | list[str] | None = None, *,
+        config: FacilityConfig | None = None, client: Client | None = None,
+        chunk_size: int | None = None, on_bad_input: Literal["fail", "skip"] | None = None,
+        max_skipped_fraction: float | None = None, output: bool | Path | str = True,
+        progress: Callable[[Progress], None] | None = None, name: str | None = None,
+        resume: str | Path | None = None) -> RunResult:
+    """Run a coffea processor over one or more catalog datasets; returns merged results.
+
+    ``output=True`` keeps the run in a new folder of the configured output area (``name``, or a
+    generated one): its journal while it runs, then histograms, plot, summary and ledger. A path
+    keeps it there; ``False`` keeps nothing (and the run cannot be resumed).
+    ``resume="NAME"`` (a run name or folder) continues an interrupted run: only the chunks its
+    journal does not hold are processed, and the result is identical to an uninterrupted run.
+    """
+    config = config or load_config()
+    if resume is not None:
+        folder = RunFolder.for_resume(config, resume)
+        if folder.complete:
+            return _completed(folder, processor)
+        request = _resumed_request(config, folder, processor, chunk_size, on_bad_input,
+                                   max_skipped_fraction)
+    else:
+        request = _new_request(config, processor, dataset,
+                               _settings(config, chunk_size, on_bad_input, max_skipped_fraction),
+                               output, name)
+    return _execute(config, request, client, progress)
+
+
+def _journal_for(request: Request) -> Journal | None:
+    folder = request.folder
+    if folder is None:
+        return None
+    if request.replay is not None:
+        return Journal(folder.path, checkpoints=request.replay.checkpoints)
+    try:
+        return Journal.start(folder.path, _spec(request, folder), request.payload)
+    except OSError as exc:
+        raise UsageError(f"cannot write the run's folder {folder.path}: {exc}") from exc
+
+
+def _execute(config: FacilityConfig, request: Request, client: Client | None,
+             progress: Callable[[Progress], None] | None) -> RunResult:
+    journal = _journal_for(request)
+    owned: list[Client] = []
+
+    def dispatcher() -> Dispatcher:
+        active, mine = _client_for(config, client)
+        if mine:
+            owned.append(active)
+        return Dispatcher(active, uuid.uuid4().hex[:10], request.settings.open_timeout,
+                          request.settings.open_files)
+
+    engine = Run(request, dispatcher, journal, progress, _resume_hint(config, request.folder))
+    try:
+        engine.execute()
+    except BaseException as failure:
+        try:
+            engine.stop()
+        except OSError as problem:
+            failure.add_note(f"the run's checkpoint could not be written: {problem}")
+        raise
+    finally:
+        for active in owned:
+            close_client(active)
+        if journal is not None:
+            journal.close()
+    return _finish(request, engine)
+
+
+def _check_skipped(engine: Run, settings: RunSettings) -> None:
+    ledger = engine.ledger
+    skipped, done = ledger.events("skipped"), ledger.events("done")
+    total = skipped + done
+    if total and skipped / total > settings.max_skipped_fraction:
+        listing = "\n".join(f"  - {item['file']} entries {item['entries']}: {item['reason']}"
+                            for item in _skipped_items(ledger)[:10])
+        raise BadInputError(
+            f"{skipped:,} of {total:,} events ({skipped / total:.1%}) were skipped as bad input, "
+            f"more than processing.max_skipped_fraction ({settings.max_skipped_fraction:.0%}):\n"
+            f"{listing}\nFix or remove these files, or allow more with --max-skipped-fraction "
+            f"(Python: max_skipped_fraction=); {engine.resume_hint}")
+    if done == 0:
+        raise BadInputError("no events were processed: " + (
+            "every input was skipped as bad" if skipped else "the datasets' files hold no events"))
+
+
+def _finish(request: Request, engine: Run) -> RunResult:
+    _check_skipped(engine, request.settings)
+    wall = time.perf_counter() - engine.started
+    processor = request.processor
+    accumulator = engine.reducer.accumulator
+    result = processor.postprocess(accumulator) if accumulator is not None else {}
+    summary = _summary(request, engine, wall)
+    summarize = getattr(processor, "summarize", None)
+    if callable(summarize) and result:
+        summary["analysis"] = summarize(result)
+    folder = request.folder
+    outcome = RunResult(result, summary, folder.path if folder else None, engine.ledger)
+    if folder is not None:
+        outcome.output_error = _publish(folder, outcome, engine.resume_hint)
+    return outcome
+
+
+def _publish(folder: RunFolder, outcome: RunResult, resume_hint: str) -> str | None:
+    """Write the outputs; a failure is reported, never allowed to lose the result."""
+    from facility.processing.output import write_outputs
+
+    try:
+        folder.publish(lambda staging: write_outputs(staging, folder.path, outcome.output,
+                                                     outcome.summary, outcome.ledger))
+    except OSError as exc:
+        message = (f"writing the outputs to {folder.path} failed: {type(exc).__name__}: {exc}. "
+                   f"The result is returned and kept in {folder.checkpoint}; once there is room, "
+                   f"{resume_hint} to write the outputs without processing again")
+        outcome.summary.setdefault("outputs", {})["error"] = message
+        warnings.warn(message, OutputWarning, stacklevel=3)
+        return message
+    return None
+
+
+class OutputWarning(UserWarning):
+    """The run's result is complete but its outputs could not be written."""
+
+
+def _completed(folder: RunFolder, processor: ProcessorABC | str | None) -> RunResult:
+    """A run that is already complete: its result read back, nothing processed."""
+    import json
+
+    from facility.processing.output import SUMMARY_FILE
+
+    state = replay(folder.path)
+    instance = _as_processor(processor) if processor is not None else _saved_processor(folder,
+                                                                                       state)
+    result = instance.postprocess(state.accumulator) if state.accumulator is not None else {}
+    summary = json.loads((folder.path / SUMMARY_FILE).read_text())
+    return RunResult(result, summary, folder.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the summary
+
+
+def _skipped_items(ledger: ChunkLedger) -> list[dict[str, Any]]:
+    items = [{"file": s.task.label, "entries": "all", "events": s.task.catalog_events,
+              "reason": s.reason, "stage": "preflight"} for s in ledger.skipped_files.values()]
+    items += [{"file": e.chunk.file.label, "entries": [e.chunk.entry_start, e.chunk.entry_stop],
+               "events": e.chunk.events, "reason": e.reason, "stage": "processing"}
+              for e in ledger.entries.values() if e.state == "skipped"]
+    return items
+
+
+def _per_dataset(request: Request, engine: Run) -> dict[str, dict[str, int]]:
+    ledger = engine.ledger
+    counts = {}
+    for name in request.datasets:
+        infos = [i for i in engine.infos.values() if i.task.dataset == name]
+        counts[name] = {
+            "files": sum(1 for t in request.tasks if t.dataset == name),
+            "events_in_catalog": request.catalog_events.get(name, 0),
+            "events_in_files": sum(i.entries for i in infos),
+            "events_processed": ledger.events("done", name),
+            "events_skipped": ledger.events("skipped", name),
+            "chunks": sum(1 for e in ledger.entries.values() if e.chunk.file.dataset == name),
         }
+    return counts
+
+
+def _summary(request: Request, engine: Run, wall: float) -> dict[str, Any]:
+    ledger = engine.ledger
     events = ledger.events("done")
+    resumed = [e for e in ledger.entries.values() if e.resumed and e.state == "done"]
+    fresh = events - sum(e.chunk.events for e in resumed)
+    processor = request.processor
     return {
+        "run": {"name": request.folder.name if request.folder else None,
+                "resumed": request.replay is not None},
         "processor": f"{type(processor).__module__}.{type(processor).__qualname__}",
-        "datasets": names,
+        "datasets": request.datasets,
         "events": events,
         "chunks": {"total": len(ledger.entries), "done": ledger.count("done"),
                    "skipped": ledger.count("skipped"),
                    "retried": sum(1 for e in ledger.entries.values() if e.attempts > 1),
-                   "duplicates_refused": ledger.duplicates_refused},
+                   "resumed": len(resumed), "duplicates_refused": ledger.duplicates_refused},
         "wall_seconds": round(wall, 3),
-        "events_per_second": round(events / wall, 1) if wall > 0 else 0.0,
-        "files": {"inspected": len(runner.inspections), "remembered": runner.remembered},
-        "per_dataset": per_dataset,
-        "skipped": skipped,
-        "columns_read": sorted(runner.columns),
-        "replicas_used": runner.replicas_used,
-        "workers_used": len(runner.workers_used),
+        "events_per_second": round(fresh / wall, 1) if wall > 0 else 0.0,
+        "files": {"inspected": len(engine.preflights), "remembered": engine.remembered,
+                  "skipped": len(ledger.skipped_files),
+                  "entries_differ_from_catalog": [
+                      {"file": i.task.label, "catalog": i.task.catalog_events, "file_has": i.entries}
+                      for i in engine.infos.values() if i.differs_from_catalog]},
+        "per_dataset": _per_dataset(request, engine),
+        "events_skipped": ledger.events("skipped"),
+        "skipped": _skipped_items(ledger),
+        "columns_read": sorted(engine.columns),
+        "replicas_used": dict(engine.replicas_used),
+        "endpoints_unhealthy": sorted(engine.health.unhealthy),
+        "workers_used": sum(1 for t in engine.health.tallies.values() if t.done),
+        "workers_retired": [{"worker": w, "reason": r} for w, r in engine.health.retired.items()],
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

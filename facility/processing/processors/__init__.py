@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
 
 from coffea.processor import ProcessorABC
 
+from facility.errors import UsageError
 from facility.processing.processors.dimuon import DimuonProcessor
 from facility.processing.processors.ttbar import TtbarProcessor
 
@@ -16,8 +19,17 @@ SHIPPED: dict[str, type[ProcessorABC]] = {
 }
 
 
-class ProcessorNotFound(LookupError):
+class ProcessorNotFound(UsageError, LookupError):
     """The processor name is neither shipped nor an importable ``module:Class``."""
+
+
+def _import_here(module_name: str) -> Any:
+    """Import a module, also from the current folder: ``facility run myproc:MyProcessor`` finds
+    ``myproc.py`` beside the user, as ``python -m`` would."""
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.append(here)
+    return importlib.import_module(module_name)
 
 
 def load_processor(spec: str, **options: Any) -> ProcessorABC:
@@ -31,7 +43,7 @@ def load_processor(spec: str, **options: Any) -> ProcessorABC:
         )
     module_name, _, class_name = spec.partition(":")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
+        cls = getattr(_import_here(module_name), class_name)
     except (ImportError, AttributeError) as exc:
         raise ProcessorNotFound(f"cannot load processor {spec!r}: {exc}") from exc
     instance = cls(**options)

@@ -1,0 +1,181 @@
+"""Policy: what to do about a failed try. Pure functions, no cluster, millisecond tests.
+
+=====================================  ==============================================
+the failure                            what follows
+=====================================  ==============================================
+user's code raised                     the run stops: your code, file:line
+a chunk killed its worker repeatedly   the run stops: your code (memory), chunk named
+the scheduler was lost                 the run stops: the facility; resume it
+a replica's server is unavailable      retry (unhealthy endpoints last); after
+                                       ``retries`` tries the run stops: the facility
+every replica damaged                  confirmed from a second worker or after
+                                       ``retries`` tries, then bad input: skip it if
+                                       asked to, else the run stops: the data
+=====================================  ==============================================
+
+A skip is therefore only ever bad data: never an unreachable server, never the user's code,
+never a lost cluster. Failures on a worker found to be a blackhole (every try there failed while
+other workers succeed) are not held against the input at all (:class:`Health`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from facility.errors import DataError, FacilityError, InfrastructureError, UserCodeError
+from facility.processing.plan import endpoint
+from facility.processing.receipts import Failure, ReplicaFailure
+
+Action = Literal["retry", "skip", "fail"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    error: type[FacilityError] | None = None
+
+
+RETRY = Decision("retry")
+SKIP = Decision("skip")
+
+
+def decide(failure: Failure, *, attempts: int, retries: int, skip_bad_input: bool,
+           damaged_on_workers: int) -> Decision:
+    """The next step after ``failure`` on try number ``attempts`` of a chunk or preflight.
+
+    ``damaged_on_workers`` counts the distinct workers that found every replica damaged.
+    """
+    if failure.kind == "user" or failure.kind == "killed-worker":
+        return Decision("fail", UserCodeError)
+    if failure.kind == "scheduler-lost":
+        return Decision("fail", InfrastructureError)
+    if failure.every_replica_damaged:
+        if damaged_on_workers < 2 and attempts <= retries:
+            return RETRY  # confirm from another worker: a broken worker must not condemn a file
+        return SKIP if skip_bad_input else Decision("fail", DataError)
+    if attempts <= retries:
+        return RETRY
+    return Decision("fail", InfrastructureError)
+
+
+@dataclass
+class WorkerTally:
+    """How one worker's tries went in this run."""
+
+    done: int = 0
+    failed: int = 0
+
+
+def is_blackhole(tally: WorkerTally, threshold: int, others_succeed: bool) -> bool:
+    """A worker on which every try failed, ``threshold`` times, while others succeed."""
+    return tally.done == 0 and tally.failed >= threshold and others_succeed
+
+
+Verdict = Literal["counts", "forgiven", "retire"]
+
+
+class Health:
+    """What one run learns, as outcomes come in, about servers, replicas and workers.
+
+    Items (chunks, preflights) are named by a key. A failure on a worker that turns out to be a
+    blackhole is *forgiven*: it is not held against the item's input, and the item's tries
+    counted by :func:`decide` leave it out.
+    """
+
+    def __init__(self, blackhole_failures: int) -> None:
+        self.blackhole_failures = blackhole_failures
+        self.unhealthy: set[str] = set()  # endpoints whose server did not answer
+        self.damaged: set[str] = set()  # replica URLs whose bytes are bad
+        self.tallies: defaultdict[str, WorkerTally] = defaultdict(WorkerTally)
+        self.retired: dict[str, str] = {}  # worker -> why
+        self._failed_on: defaultdict[str, set[str]] = defaultdict(set)
+        self._damaged_on: defaultdict[str, set[str]] = defaultdict(set)
+        self._forgiven: Counter[str] = Counter()
+
+    def replicas(self, failures: Iterable[ReplicaFailure]) -> None:
+        """Servers that did not answer and replicas found damaged are read last from now on."""
+        for failure in failures:
+            if failure.problem == "unavailable":
+                self.unhealthy.add(endpoint(failure.url))
+            else:
+                self.damaged.add(failure.url)
+
+    def succeeded(self, worker: str) -> None:
+        self.tallies[worker].done += 1
+
+    def failed(self, key: str, failure: Failure) -> Verdict:
+        """Account a failure of item ``key``; says whether it counts against the item, is
+        forgiven (its worker is retired), or reveals a blackhole to retire now."""
+        self.replicas(failure.replicas)
+        worker = failure.worker
+        if failure.kind != "input" or worker is None:
+            return "counts"
+        self._failed_on[key].add(worker)
+        tally = self.tallies[worker]
+        tally.failed += 1
+        if worker in self.retired:
+            self._forgiven[key] += 1
+            return "forgiven"
+        others = any(t.done for name, t in self.tallies.items() if name != worker)
+        if is_blackhole(tally, self.blackhole_failures, others):
+            self.retired[worker] = (f"all {tally.failed} tries on it failed while other workers "
+                                    "read the same inputs")
+            self._forgiven[key] += 1
+            return "retire"
+        if failure.every_replica_damaged:
+            self._damaged_on[key].add(worker)
+        return "counts"
+
+    def tries(self, key: str, submitted: int) -> int:
+        """Tries of an item that count: those submitted, less the forgiven ones."""
+        return submitted - self._forgiven[key]
+
+    def damaged_on(self, key: str) -> int:
+        """Distinct workers that found every replica of the item damaged."""
+        return len(self._damaged_on[key])
+
+    def avoid(self, key: str) -> frozenset[str]:
+        """Workers the item's next try should avoid: those it failed on."""
+        return frozenset(self._failed_on.get(key, ()))
+
+
+def bad_input_message(what: str, failure: Failure, skip_hint: bool) -> str:
+    lines = [f"cannot read {what}: every replica is damaged or missing"]
+    lines += [f"  - {r.describe()}" for r in failure.replicas]
+    if skip_hint:
+        lines.append("Fix or remove the file in the catalog, or finish without it with "
+                     "--skip-bad-input (Python: on_bad_input='skip').")
+    return "\n".join(lines)
+
+
+def unreachable_message(what: str, failure: Failure, attempts: int, resume_hint: str) -> str:
+    lines = [f"cannot read {what}: after {attempts} tries no replica's server answered "
+             "(this is not a problem of the file)"]
+    lines += [f"  - {r.describe()}" for r in failure.replicas]
+    lines.append("Check the data servers (`facility status`; `facility up` restarts the "
+                 f"embedded ones), then {resume_hint}.")
+    return "\n".join(lines)
+
+
+def user_code_message(failure: Failure) -> str:
+    lines = [failure.message]
+    if failure.where:
+        lines.append(f"  at {failure.where}")
+    if failure.traceback:
+        lines.append("traceback (most recent call last):")
+        lines += ["  " + line for line in failure.traceback.rstrip().splitlines()]
+    return "\n".join(lines)
+
+
+def killed_worker_message(what: str, failure: Failure) -> str:
+    """``what``: ``chunk <id>``, or ``the preflight of <file>``."""
+    return (f"{what} killed its worker {failure.message}: likely memory; try a smaller "
+            "chunk_size (or more memory per worker)")
+
+
+def scheduler_lost_message(done: int, total: int, resume_hint: str) -> str:
+    return (f"the Dask scheduler was lost in the middle of the run ({done} of {total} chunks "
+            f"done and kept). Restart the cluster (`facility up`), then {resume_hint}.")
