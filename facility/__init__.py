@@ -11,10 +11,14 @@ from __future__ import annotations
 import os
 
 # The XRootD client retries an unreachable server for minutes by default; a facility fails over
-# to the next replica instead. Set before the client library is first loaded; users may override.
+# to the next replica instead. After a connection failed it also refuses that server for 30
+# minutes (the stream error window): a data server restarted after an outage would go unused
+# that long, so it is tried again after a few seconds. Set before the client library is first
+# loaded (workers inherit them); users may override.
 os.environ.setdefault("XRD_CONNECTIONRETRY", "1")
 os.environ.setdefault("XRD_CONNECTIONWINDOW", "5")
 os.environ.setdefault("XRD_REQUESTTIMEOUT", "60")
+os.environ.setdefault("XRD_STREAMERRORWINDOW", "5")
 
 from facility.config import FacilityConfig, load_config
 

@@ -137,6 +137,10 @@ def print_summary(summary: dict[str, Any]) -> None:
         console.print(f"  {name}: {counts['events_processed']:,} of "
                       f"{counts['events_in_catalog']:,} events{skipped}, {counts['files']} files")
     console.print(f"  replicas read: {', '.join(sorted(summary['replicas_used'])) or '-'}")
+    for url, failed in summary.get("replicas_failed", {}).items():
+        console.print(f"  [yellow]replica failed[/yellow] {escape(url)} ({failed['problem']}, "
+                      f"{failed['times']}x; another replica was read): {escape(failed['reason'])}",
+                      soft_wrap=True)
     for endpoint in summary.get("endpoints_unhealthy", []):
         console.print(f"  [yellow]unhealthy[/yellow] endpoint {endpoint}: its replicas were read last")
     for item in summary["skipped"]:
@@ -504,9 +508,10 @@ def main(argv: list[str] | None = None) -> int:
     except FacilityError as exc:
         _report_error(exc)
         return exc.exit_code
-    except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/red]; a run with a folder keeps what it finished: "
-                          "`facility run --resume NAME` continues it")
+    except KeyboardInterrupt as stop:
+        err_console.print("[red]interrupted[/red]")
+        for note in getattr(stop, "__notes__", []):
+            err_console.print(f"  {note}", markup=False, soft_wrap=True)
         return 130
 
 

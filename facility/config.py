@@ -167,9 +167,10 @@ class ProcessingConfig(_Strict):
         description="with on_bad_input=skip: the run fails when more than this fraction of its "
                     "events had to be skipped")
     checkpoint_seconds: float = Field(
-        default=2.0, gt=0,
+        default=1.0, gt=0,
         description="how often a run makes its merged result durable in its folder (what a "
-                    "resume after a crash need not process again)")
+                    "resume after a crash need not process again); never more than a tenth of "
+                    "the run's time")
     blackhole_failures: int = Field(
         default=3, ge=1,
         description="a worker on which this many tries failed, none succeeded, while other "

@@ -77,6 +77,24 @@ def test_a_part_killed_mid_run_changes_nothing(chaos: Chaos, fault: str) -> None
         assert summary["run"]["resumed"]
 
 
+def test_a_restarted_data_server_is_read_again(facility_config: FacilityConfig) -> None:
+    """Workers holding open files on a server that was killed and started again read from it
+    again, once the client library's error window (XRD_STREAMERRORWINDOW) has passed."""
+    supervisor = Supervisor(facility_config.state_path)
+    run("dimuon", "DY", config=facility_config, output=False)  # workers hold east files open
+    east = supervisor.process("xrootd-east")
+    assert east is not None
+    os.kill(east.pid, signal.SIGKILL)
+    east.wait(10)
+    up(facility_config, report=lambda _: None, hub=False)
+    time.sleep(int(os.environ["XRD_STREAMERRORWINDOW"]) + 1)
+    again = run("dimuon", "DY", config=facility_config, output=False)
+    port = facility_config.region("east").serve.xrootd_port  # type: ignore[union-attr]
+    assert again.summary["endpoints_unhealthy"] == [], again.summary["replicas_failed"]
+    assert all(f":{port}/" in url for url in again.summary["replicas_used"]), (
+        again.summary["replicas_used"], again.summary["replicas_failed"])
+
+
 def test_resume_after_the_client_is_killed_processes_only_what_is_missing(
         facility_config: FacilityConfig, reference: Any) -> None:
     name = "killed-client"

@@ -86,6 +86,7 @@ def test_ranking_moves_unhealthy_endpoints_last_and_keeps_the_rest() -> None:
     (OSError("Cannot connect to host localhost:18094 ssl:default"), "unavailable"),
     (ConnectionRefusedError(111, "Connection refused"), "unavailable"),
     (TimeoutError("XRootD error: [ERROR] Operation expired"), "unavailable"),
+    (ValueError("I/O operation on closed file"), "unavailable"),
     (FileNotFoundError("file not found: root://a//missing.root"), "damaged"),
     (ValueError("truncated: 100 bytes, the ROOT header says 200"), "damaged"),
     (KeyError("no tree 'Events' in the file"), "damaged"),

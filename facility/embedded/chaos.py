@@ -221,8 +221,8 @@ class Chaos:
             return self._wait(proc, name, started), "no fault: the run ended before planning"
         moment = fraction * self.reference_seconds
         time.sleep(moment)
-        if proc.poll() is not None or (folder / "COMPLETE").exists():
-            self._wait(proc, name, started)
+        if proc.poll() is not None or '"settled"' in _text(folder / "journal.jsonl"):
+            self._wait(proc, name, started)  # every chunk was in: the fault would miss the run
             shutil.rmtree(folder, ignore_errors=True)
             return None
         what = f"{self._inject(fault, proc)} at {moment:.1f} s"
@@ -274,6 +274,13 @@ class Chaos:
         if verdict.identical:
             shutil.rmtree(outcome.folder, ignore_errors=True)
         return verdict
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
 
 
 def faults_for(runs: int, chosen: list[str], rng: random.Random) -> list[str]:

@@ -140,7 +140,7 @@ class Run:
         self.columns: set[str] = set()
         self.unsaved: list[dict[str, Any]] = []
         self.started = time.perf_counter()
-        self.last_checkpoint = time.monotonic()
+        self.next_checkpoint = time.monotonic() + request.settings.checkpoint_seconds
 
     # -- dispatching ---------------------------------------------------------------------------
 
@@ -191,7 +191,7 @@ class Run:
                 for item, outcome in batch:
                     self._settle(item, outcome)
                 self._report()
-                if time.monotonic() - self.last_checkpoint >= self.settings.checkpoint_seconds:
+                if time.monotonic() >= self.next_checkpoint:
                     self.checkpoint()
         self.checkpoint()
         self.ledger.check_complete()
@@ -200,6 +200,8 @@ class Run:
             raise UsageError(f"the run's checkpoint holds {len(unplanned)} chunks its plan does "
                              f"not have (first: {min(unplanned)}): was it made with another "
                              "chunk size? Start the run afresh")
+        if self.journal is not None:
+            self.journal.settled(self.ledger.count("done"), self.ledger.count("skipped"))
 
     def stop(self) -> None:
         """After a failure: nothing more runs, and what was merged is kept for a resume."""
@@ -221,10 +223,15 @@ class Run:
         else:
             self._inspect(task)
 
-    def _plan(self, info: FileInfo, journaled: bool = False) -> None:
+    def _plan(self, info: FileInfo, journaled: bool = False, inspected_now: bool = False
+              ) -> None:
+        """Chunks of an inspected file. When this run's preflight had to pass over nearer
+        replicas, its chunks read the replica that answered first; an inspection remembered
+        from another run does not say which replicas work now."""
         if self.journal is not None and not journaled:
             self.journal.inspected(info.as_record())
-        info = dataclasses.replace(info, task=info.task.preferring(info.url))
+        if inspected_now:
+            info = dataclasses.replace(info, task=info.task.preferring(info.url))
         self.infos[info.task.label] = info
         replayed = self.request.replay
         for chunk in plan_chunks(info, self.settings.chunk_size):
@@ -250,7 +257,7 @@ class Run:
         self.health.succeeded(outcome.worker)
         if isinstance(outcome, Inspected):
             INSPECTIONS.remember(outcome.info)
-            self._plan(outcome.info)
+            self._plan(outcome.info, inspected_now=True)
         else:
             self._merge(outcome)
 
@@ -321,12 +328,18 @@ class Run:
     # -- durability and progress ---------------------------------------------------------------
 
     def checkpoint(self) -> None:
-        """Make what is merged durable (only what changed since the last checkpoint)."""
-        self.last_checkpoint = time.monotonic()
+        """Make what is merged durable (only when something changed since the last time).
+
+        The next one is due after ``checkpoint_seconds``, or after ten times what this one
+        took, whichever is longer: a large accumulator never costs more than a tenth of the run.
+        """
         if self.journal is None or not self.unsaved:
             return
+        began = time.monotonic()
         self.journal.checkpoint(self.reducer.accumulator, self.reducer.chunks, self.unsaved)
         self.unsaved = []
+        took = time.monotonic() - began
+        self.next_checkpoint = began + took + max(self.settings.checkpoint_seconds, 10 * took)
 
     def _report(self) -> None:
         if self.progress is None:

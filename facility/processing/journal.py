@@ -8,7 +8,8 @@ a state from which it can resume without losing or double-counting a chunk:
     (written once, atomically, before any work is submitted);
 ``journal.jsonl``
     append-only, one JSON record a line: each file's preflight (entries, cluster boundaries),
-    each chunk or file skipped as bad input, each checkpoint and the chunks it holds;
+    each chunk or file skipped as bad input, each checkpoint and the chunks it holds, and
+    finally that every chunk is settled;
 ``checkpoint.pkl``
     the merged accumulator and the exact set of chunk ids it contains, replaced atomically
     (temporary file, fsync, rename) every ``processing.checkpoint_seconds``.
@@ -100,6 +101,10 @@ class Journal:
             self._append({"event": "done", "checkpoint": self.checkpoints, **record}, durable=False)
         self._append({"event": "checkpoint", "sequence": self.checkpoints, "chunks": len(chunks)},
                      durable=True)
+
+    def settled(self, done: int, skipped: int) -> None:
+        """Every chunk is accounted for: what is left is writing the outputs."""
+        self._append({"event": "settled", "done": done, "skipped": skipped}, durable=True)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from facility.errors import DataError, FacilityError, InfrastructureError, UserCodeError
 from facility.processing.plan import endpoint
@@ -91,6 +91,7 @@ class Health:
         self.damaged: set[str] = set()  # replica URLs whose bytes are bad
         self.tallies: defaultdict[str, WorkerTally] = defaultdict(WorkerTally)
         self.retired: dict[str, str] = {}  # worker -> why
+        self.replica_failures: dict[str, dict[str, Any]] = {}  # url -> problem, reason, times
         self._failed_on: defaultdict[str, set[str]] = defaultdict(set)
         self._damaged_on: defaultdict[str, set[str]] = defaultdict(set)
         self._forgiven: Counter[str] = Counter()
@@ -102,6 +103,9 @@ class Health:
                 self.unhealthy.add(endpoint(failure.url))
             else:
                 self.damaged.add(failure.url)
+            seen = self.replica_failures.setdefault(
+                failure.url, {"problem": failure.problem, "reason": failure.reason, "times": 0})
+            seen["times"] += 1
 
     def succeeded(self, worker: str) -> None:
         self.tallies[worker].done += 1

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import fsspec
 import uproot
 from coffea.nanoevents import NanoAODSchema, NanoEventsFactory
 
@@ -117,10 +118,26 @@ def _close(handle: Any) -> None:
         handle.close()
 
 
-def forget_file(url: str) -> None:
+def _forget_connection(url: str, timeout: int, handle: Any = None) -> None:
+    """Drop the server handle the URL's filesystem keeps open: the XRootD filesystem caches
+    them by URL, and one whose server was restarted stays closed, so that every later open of
+    the URL would fail. The filesystem is the handle's own, else the one uproot opens the URL
+    with (its options, the timeout among them, select the filesystem instance)."""
+    with contextlib.suppress(Exception):  # closing a dead server's handle may fail: dropped
+        source = handle.file.source if handle is not None else None
+        if source is not None and hasattr(source, "_fs"):
+            filesystem, path = source._fs, source._file_path
+        else:
+            filesystem, path = fsspec.core.url_to_fs(url, timeout=timeout)
+        filesystem.invalidate_cache(path)
+
+
+def forget_file(url: str, timeout: int = 30) -> None:
+    """Drop a file that failed: our handle and its filesystem's connection."""
     handle = _open_files.pop(url, None)
     if handle is not None:
         _close(handle)
+    _forget_connection(url, timeout, handle)
 
 
 def drop_endpoints(endpoints: frozenset[str] | set[str]) -> None:
@@ -140,21 +157,29 @@ def _each_replica(task: FileTask, timeout: int, avoid: frozenset[str],
 
     A replica that cannot be opened, or whose attempt raises :class:`ReplicaBroken`, is dropped
     from the cache and the next is tried; when none is left, :class:`AllReplicasFailed` carries
-    every reason.
+    every reason. A cached handle whose server stopped answering is first opened afresh once:
+    the server may be back (restarted) and only the old connection gone.
     """
     drop_endpoints(avoid)
     failures: list[ReplicaFailure] = []
     for url in task.urls:
-        try:
-            handle = cached_open(url, task.tree, timeout)
-        except Exception as exc:  # noqa: BLE001 (every open error is this replica's problem)
-            failures.append(ReplicaFailure(url, replica_problem(exc), short(exc)))
-            continue
-        try:
-            return attempt(url, handle), url, failures
-        except ReplicaBroken as broken:
-            forget_file(url)
-            failures.append(ReplicaFailure(url, broken.problem, broken.reason))
+        stale = url in _open_files
+        while True:
+            try:
+                handle = cached_open(url, task.tree, timeout)
+            except Exception as exc:  # noqa: BLE001 (every open error is this replica's problem)
+                _forget_connection(url, timeout)
+                failures.append(ReplicaFailure(url, replica_problem(exc), short(exc)))
+                break
+            try:
+                return attempt(url, handle), url, failures
+            except ReplicaBroken as broken:
+                forget_file(url, timeout)
+                if stale and broken.problem == "unavailable":
+                    stale = False
+                    continue
+                failures.append(ReplicaFailure(url, broken.problem, broken.reason))
+                break
     raise AllReplicasFailed(tuple(failures))
 
 

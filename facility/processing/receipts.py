@@ -94,9 +94,16 @@ UNAVAILABLE_SIGNS = (
 )
 
 
+# Raised by the XRootD client for a file whose session the server dropped (it was restarted):
+# the connection is gone, not the bytes.
+SESSION_GONE = "i/o operation on closed file"
+
+
 def replica_problem(exc: BaseException) -> ReplicaProblem:
     """Whether a read error means the server is unavailable or the replica is damaged."""
     if isinstance(exc, TimeoutError | ConnectionError):
+        return "unavailable"
+    if isinstance(exc, ValueError) and SESSION_GONE in str(exc).lower():
         return "unavailable"
     if isinstance(exc, FileNotFoundError):
         return "damaged"  # the server answered: this replica does not exist

@@ -258,6 +258,8 @@ def _execute(config: FacilityConfig, request: Request, client: Client | None,
             engine.stop()
         except OSError as problem:
             failure.add_note(f"the run's checkpoint could not be written: {problem}")
+        if isinstance(failure, KeyboardInterrupt) and request.folder is not None:
+            failure.add_note(engine.resume_hint)
         raise
     finally:
         for active in owned:
@@ -394,6 +396,7 @@ def _summary(request: Request, engine: Run, wall: float) -> dict[str, Any]:
         "columns_read": sorted(engine.columns),
         "replicas_used": dict(engine.replicas_used),
         "endpoints_unhealthy": sorted(engine.health.unhealthy),
+        "replicas_failed": engine.health.replica_failures,
         "workers_used": sum(1 for t in engine.health.tallies.values() if t.done),
         "workers_retired": [{"worker": w, "reason": r} for w, r in engine.health.retired.items()],
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
