@@ -212,10 +212,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.scale_sim:
+        from facility.processing.scale_sim import print_rows, run_rows
+
+        rows = run_rows(args.config, args.slots, args.chunk_seconds, args.hist_bins, args.waves)
+        print_rows(rows, args, console, as_json=args.json)
+        return 0
     if args.scale is not None:
         from facility.cluster.scale_bench import scale_command
 
-        return scale_command(_config(args), args.scale or [1, 2, 4], console)
+        return scale_command(_config(args), args.scale, console, as_json=args.json)
     from facility.processing.bench import bench_command
 
     return bench_command(_config(args), args, console)
@@ -454,7 +460,21 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=None)
     bench.add_argument("--repeat", type=int, default=3, help="rounds; the best of each is shown")
     bench.add_argument("--scale", type=int, nargs="*", metavar="N",
-                       help="instead: seconds from connect() to N workers ready (default 1 2 4)")
+                       help="instead: seconds from connect() to N single-threaded workers "
+                            "ready, and a run over them (default 1 8 64)")
+    bench.add_argument("--scale-sim", action="store_true",
+                       help="instead: the run engine at many emulated task slots (sleeping "
+                            "chunks): chunks settled per second, slot utilisation, client and "
+                            "scheduler costs")
+    bench.add_argument("--slots", type=_positive_int, nargs="+", default=[100, 500, 1000, 2000],
+                       help="with --scale-sim: slot counts to sweep (default 100 500 1000 2000)")
+    bench.add_argument("--chunk-seconds", type=float, default=1.0,
+                       help="with --scale-sim: how long each chunk sleeps (default 1)")
+    bench.add_argument("--hist-bins", type=_positive_int, default=10_000,
+                       help="with --scale-sim: bins of each chunk's 2-D histogram (default 10000)")
+    bench.add_argument("--waves", type=_positive_int, default=50,
+                       help="with --scale-sim: chunks per slot (default 50)")
+    bench.add_argument("--json", action="store_true", help="print the table as JSON")
     bench.set_defaults(func=cmd_bench)
 
     chaos = sub.add_parser(

@@ -153,7 +153,9 @@ class ClusterConfig(_Strict):
 class ProcessingConfig(_Strict):
     """How a dataset is cut into chunks, how failures are handled, how a run is kept."""
 
-    chunk_size: int = Field(default=250_000, ge=1, description="target events per chunk")
+    chunk_size: int = Field(default=250_000, ge=1,
+                            description="target events per chunk; chunks are whole ROOT clusters, "
+                                        "so a file's chunk is never smaller than its clusters")
     retries: int = Field(default=2, ge=0,
                          description="further tries of a chunk or preflight whose servers were "
                                      "unavailable, or whose replicas all looked damaged (a "
@@ -171,6 +173,12 @@ class ProcessingConfig(_Strict):
         description="how often a run makes its merged result durable in its folder (what a "
                     "resume after a crash need not process again); never more than a tenth of "
                     "the run's time")
+    max_tasks_per_second: float = Field(
+        default=100.0, gt=0,
+        description="the task rate a run keeps its scheduler under: chunks are bundled, several "
+                    "to a task, once slots / chunk time exceeds it (a Dask scheduler starts a few "
+                    "thousand tasks a second at best)")
+    bundle_limit: int = Field(default=64, ge=1, description="chunks one task processes at most")
     blackhole_failures: int = Field(
         default=3, ge=1,
         description="a worker on which this many tries failed, none succeeded, while other "
@@ -340,6 +348,9 @@ class SampleConfig(_Strict):
     kind: SampleKind
     files: int = Field(default=2, ge=1)
     events_per_file: int = Field(default=50_000, ge=1)
+    cluster_events: int = Field(default=10_000, ge=1,
+                                description="entries per ROOT cluster (basket group): the finest "
+                                            "chunking a run of these files can have")
     seed: int = 1
     compression: Compression = "zstd"
     cross_section_pb: float | None = Field(default=None, gt=0)

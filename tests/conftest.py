@@ -45,9 +45,10 @@ hub:
     - {{slug: cpu-small, display_name: "CPU, small", cpu: 1, memory: 2GiB, default: true}}
     - {{slug: gpu, display_name: GPU, cpu: 1, memory: 2GiB, gpus: {local_gpus() + 1}, groups: [cms/gpu]}}
 samples:
-  - {{name: DY, kind: drell_yan, files: 2, events_per_file: 20000, seed: 5}}
-  - {{name: TT, kind: ttbar, files: 1, events_per_file: 10000, seed: 6}}
-  - {{name: Data, kind: collision_data, files: 1, events_per_file: 10000, seed: 7}}
+  - {{name: DY, kind: drell_yan, files: 2, events_per_file: 20000, cluster_events: 1000, seed: 5}}
+  - {{name: TT, kind: ttbar, files: 1, events_per_file: 10000, cluster_events: 1000, seed: 6}}
+  - {{name: Data, kind: collision_data, files: 1, events_per_file: 10000, cluster_events: 1000,
+      seed: 7}}
 """
     path = home / "facility.yaml"
     home.mkdir(parents=True, exist_ok=True)

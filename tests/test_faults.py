@@ -95,6 +95,54 @@ def test_a_restarted_data_server_is_read_again(facility_config: FacilityConfig) 
         again.summary["replicas_used"], again.summary["replicas_failed"])
 
 
+def test_the_reduction_on_workers_equals_a_serial_merge_chunk_by_chunk(
+        facility_config: FacilityConfig) -> None:
+    from coffea.processor import accumulate
+
+    from facility.processing.reader import process_chunk
+    from facility.processing.receipts import ChunkDone
+
+    result = run("dimuon", "DY", config=facility_config, output=False, chunk_size=1000)
+    entries = list(result.ledger.entries.values())
+    assert len(entries) == 40
+    assert all(e.state == "done" for e in entries)
+    serial = None
+    for entry in sorted(entries, key=lambda e: e.chunk.chunk_id):
+        done = process_chunk(faulty.SlowDimuon(0), entry.chunk)
+        assert isinstance(done, ChunkDone)
+        serial = accumulate([serial, done.output])
+    assert differences(serial, result.output) == []
+    assert result.summary["chunks"]["duplicates_refused"] == 0
+
+
+def test_chunks_held_by_a_killed_worker_are_done_again_and_counted_once(
+        facility_config: FacilityConfig, reference: Any) -> None:
+    """With collections only at the end, every result waits on the workers; one is SIGKILLed
+    while it holds chunks."""
+    late = facility_config.model_copy(update={"processing": facility_config.processing.model_copy(
+        update={"checkpoint_seconds": 120.0})})
+    client = backend_for(facility_config).client()
+    killed: list[int] = []
+
+    def kill_a_holder(progress: Any) -> None:
+        if progress.chunks_done >= 12 and not killed:
+            victim = sorted(client.run(os.getpid).values())[0]
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    try:
+        result = run(faulty.SlowDimuon(0.1), "DY", config=late, client=client, output=False,
+                     chunk_size=1000, progress=kill_a_holder)
+        client.wait_for_workers(2, timeout=60)
+    finally:
+        client.close()
+    assert killed
+    chunks = result.summary["chunks"]
+    assert chunks["redone"] > 0
+    assert chunks["done"] == chunks["total"] == 40
+    assert differences(reference, result.output) == []
+
+
 def test_resume_after_the_client_is_killed_processes_only_what_is_missing(
         facility_config: FacilityConfig, reference: Any) -> None:
     name = "killed-client"

@@ -19,7 +19,7 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths = {}
     for kind in ("drell_yan", "ttbar", "collision_data"):
         paths[kind] = base / f"{kind}.root"
-        write_file(FileSpec(paths[kind], kind, 20000, seed=3, file_index=0, basket_events=5000))
+        write_file(FileSpec(paths[kind], kind, 20000, seed=3, file_index=0, cluster_events=5000))
     return paths
 
 

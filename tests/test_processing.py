@@ -8,6 +8,7 @@ import random
 import shutil
 import signal
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import numpy as np
@@ -107,6 +108,49 @@ def test_pair_mass_is_the_four_vector_sum(facility_config: FacilityConfig) -> No
     assert np.allclose(pair_mass(pairs), summed, rtol=1e-4, atol=1e-3)
 
 
+def test_a_files_base_form_is_built_once_and_each_chunk_gets_its_own_copy(
+        facility_config: FacilityConfig) -> None:
+    import awkward as ak
+
+    from facility.processing import reader
+    from facility.processing.plan import Chunk, FileTask
+
+    first, second = sorted((facility_config.data_path / "east" / "DY").glob("*.root"))
+    reader._base_forms.clear()
+
+    def events(path: Path, start: int, stop: int) -> Any:
+        task = FileTask("DY", path.name, "Events", (str(path),), 20000)
+        return reader._events(Chunk(task, start, stop, 20000), uproot.open(path), [], [])
+
+    one, two = events(first, 0, 1000), events(first, 1000, 2000)
+    assert len(reader._base_forms) == 1
+    assert one.metadata["entrystart"] == 0
+    assert two.metadata["entrystart"] == 1000
+    assert ak.fields(one) == ak.fields(two)
+    assert ak.to_list(two.Muon.pt) == ak.to_list(
+        uproot.open(first)["Events"]["Muon_pt"].array(entry_start=1000, entry_stop=2000))
+    events(second, 0, 1000)
+    assert len(reader._base_forms) == 2  # another file (another ROOT UUID) has its own
+
+
+def test_the_benchmarks_hand_written_dimuon_is_the_processors_histogram(
+        facility_config: FacilityConfig) -> None:
+    from coffea.nanoevents import NanoEventsFactory
+
+    from facility.processing.bench import handwritten_dimuon
+    from facility.processing.reader import FacilityNanoAODSchema
+
+    source = sorted((facility_config.data_path / "east" / "DY").glob("*.root"))[0]
+    events = NanoEventsFactory.from_root(f"{source}:Events", mode="eager",
+                                         schemaclass=FacilityNanoAODSchema,
+                                         metadata={"dataset": "DY"}).events()
+    expected = DimuonProcessor().process(events)["mass"][{"dataset": "DY"}].values()
+    entries, contents = handwritten_dimuon(uproot.open(source)["Events"])
+    assert entries == 20000
+    assert expected.sum() > 0
+    assert np.allclose(contents, expected, rtol=1e-9)
+
+
 def _drop(config: FacilityConfig, name: str) -> None:
     catalog = load_catalog(config.catalog_path)
     save_catalog(Catalog(datasets={k: v for k, v in catalog.datasets.items() if k != name}),
@@ -121,13 +165,27 @@ def _slow_dimuon() -> DimuonProcessor:
     return slow.SlowDimuon(delay=0.3)
 
 
+def test_the_scale_harness_bundles_chunks_and_merges_each_exactly_once(
+        facility_config: FacilityConfig) -> None:
+    from facility.processing import scale_sim
+
+    config = facility_config.model_copy(update={"processing": facility_config.processing.model_copy(
+        update={"max_tasks_per_second": 20.0})})
+    row = scale_sim.measure(config, slots=8, seconds=0.1, bins=100, waves=25)
+    assert row.chunks == 200  # and the harness checked one histogram entry per chunk
+    assert row.tasks < row.chunks / 2  # 8 slots of 0.1 s chunks exceed 20 tasks a second
+    assert 0 < row.utilisation <= 1
+    assert row.collections >= 1
+    assert row.first_merge_seconds is not None
+
+
 def test_worker_killed_mid_run_gives_identical_results(facility_config: FacilityConfig) -> None:
     reference = run("dimuon", "DY", config=facility_config, output=False, chunk_size=2000)
     client = backend_for(facility_config).client()
     killed: list[int] = []
 
     def kill_one_worker(progress: Progress) -> None:
-        if progress.chunks_done == 3 and not killed:
+        if progress.chunks_done >= 3 and not killed:
             pids = client.run(os.getpid)
             victim = sorted(pids.values())[0]
             os.kill(victim, signal.SIGKILL)

@@ -28,7 +28,7 @@ from facility.processing.plan import (
 )
 from facility.processing.reader import raised_reading
 from facility.processing.receipts import Failure, ReplicaFailure, replica_problem
-from facility.processing.reduce import ReduceError, Reducer
+from facility.processing.reduce import Holdings, ReduceError, Reducer
 from facility.processing.runfolder import COMPLETE_MARKER, RunFolder
 
 EAST, WEST = "root://east:1094//f.root", "root://west:1094//f.root"
@@ -60,6 +60,12 @@ def test_chunks_cover_the_file_once_on_cluster_boundaries() -> None:
     chunks = plan_chunks(info, 30)
     assert [(c.entry_start, c.entry_stop) for c in chunks] == [(0, 30), (30, 60), (60, 100)]
     assert sum(c.events for c in chunks) == 100
+
+
+def test_a_chunk_never_splits_a_cluster() -> None:
+    info = FileInfo(TASK, EAST, 100, (0, 50, 100))
+    assert [(c.entry_start, c.entry_stop) for c in plan_chunks(info, 10)] == [(0, 50), (50, 100)]
+    assert [(c.entry_start, c.entry_stop) for c in plan_chunks(info, 1000)] == [(0, 100)]
 
 
 def test_chunk_ids_do_not_depend_on_the_replica_order() -> None:
@@ -231,6 +237,43 @@ def test_the_reducer_refuses_to_merge_a_chunk_twice() -> None:
         reducer.add(["b", "c"], {"n": 5})
     assert reducer.accumulator == {"n": 3}
     assert reducer.chunks == {"a", "b"}
+
+
+def test_holdings_give_back_what_a_lost_worker_held_and_stay_lost() -> None:
+    holdings = Holdings()
+    assert holdings.hold("w1#1", "a")
+    assert holdings.hold("w1#1", "b")
+    assert holdings.hold("w2#7", "c")
+    assert len(holdings) == 3
+    assert holdings.take("w1#1", {"a", "z"}) == {"a"}
+    assert holdings.lose("w2#7") == {"c"}
+    assert not holdings.hold("w2#7", "d")  # whatever a lost worker holds never counts
+    assert holdings.holders() == {"w1#1"}
+    assert holdings.held_by("w1#1") == {"b"}
+
+
+def test_a_worker_refuses_to_hold_a_chunk_twice() -> None:
+    from facility.processing import resident
+
+    assert resident.absorb("run-x", ["a", "b"], {"n": 2})
+    assert not resident.absorb("run-x", ["b", "c"], {"n": 2})
+    assert resident.absorb("run-x", ["c"], {"n": 1})
+    held = resident.collect("run-x")
+    assert (held.chunks, held.output) == (frozenset({"a", "b", "c"}), {"n": 3})
+    assert resident.collect("run-x").chunks == frozenset()
+    resident.forget("run-x")
+
+
+@pytest.mark.parametrize(("queued", "slots", "seconds", "expected"), [
+    (100_000, 2000, None, 1),      # a chunk's time is not known yet
+    (100, 10, 2.5, 1),             # a small cluster: one chunk a task
+    (100_000, 2000, 1.0, 8),       # 2000 slots of 1 s chunks: 250 tasks a second
+    (4_000, 2000, 1.0, 2),         # the last waves: no slot takes more than its share
+    (10_000_000, 100_000, 0.01, 64),  # never more than the limit
+])
+def test_bundles_keep_the_task_rate_bounded_and_the_tail_short(
+        queued: int, slots: int, seconds: float | None, expected: int) -> None:
+    assert policy.bundle_size(queued, slots, seconds, 250.0, 64) == expected
 
 
 # -- journal ------------------------------------------------------------------------------------

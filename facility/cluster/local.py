@@ -216,10 +216,17 @@ def worker_environment(config: FacilityConfig) -> dict[str, int | None]:
     return {"MALLOC_TRIM_THRESHOLD_": config.cluster.malloc_trim_threshold}
 
 
+# Imported by every worker process before it joins the scheduler: coffea, awkward and uproot take
+# seconds of CPU to import. Paid at start, it is part of the wait for workers; paid at the first
+# chunk, many workers sharing few cores stop answering the scheduler while they import, and
+# their results cannot be fetched.
+WORKER_PRELOAD = ["facility.processing.reader"]
+
+
 def worker_spec(request: WorkerRequest, security: Security) -> dict:
     options: dict[str, Any] = {"nthreads": request.threads, "memory_limit": request.memory,
                                "host": "127.0.0.1", "security": security,
-                               "protocol": "tls"}
+                               "protocol": "tls", "preload": WORKER_PRELOAD}
     if request.gpus:
         options["resources"] = {"GPU": request.gpus}
     return {"cls": Nanny, "options": options}

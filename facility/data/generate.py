@@ -8,7 +8,7 @@
 * ``collision_data``: a mixture of both, without any generator-level branch, as real data files.
 
 Generation is deterministic for a seed and vectorised, so a benchmark's millions of events take
-seconds. Files are written in baskets of ``basket_events`` events with the chosen compression.
+seconds. Files are written in clusters of ``cluster_events`` events with the chosen compression.
 """
 
 from __future__ import annotations
@@ -452,12 +452,13 @@ class FileSpec:
     seed: int
     file_index: int
     compression: Compression = "zstd"
-    basket_events: int = 50_000
+    cluster_events: int = 50_000
 
 
 def _blocks(spec: FileSpec) -> Iterator[tuple[int, int]]:
-    for start in range(0, spec.events, spec.basket_events):
-        yield start, min(spec.events, start + spec.basket_events)
+    """One block of events per ROOT cluster (each ``extend`` writes one basket per branch)."""
+    for start in range(0, spec.events, spec.cluster_events):
+        yield start, min(spec.events, start + spec.cluster_events)
 
 
 def write_file(spec: FileSpec) -> int:

@@ -33,11 +33,14 @@ def file_name(sample: SampleConfig, index: int) -> str:
     return f"{sample.name}_{index:04d}.root"
 
 
-def _existing_events(path: Path) -> int | None:
-    """Events in an already generated file, or None if it is absent or unreadable."""
+def _existing_shape(path: Path) -> tuple[int, int] | None:
+    """Events and first cluster's size of an already generated file; None if absent or
+    unreadable."""
     try:
         with uproot.open(path) as handle:
-            return int(handle[TREE_NAME].num_entries)
+            tree = handle[TREE_NAME]
+            offsets = [int(x) for x in tree.common_entry_offsets()]
+            return int(tree.num_entries), offsets[1] if len(offsets) > 1 else 0
     except Exception:  # noqa: BLE001 (unreadable for any reason: written again)
         return None
 
@@ -64,9 +67,10 @@ def generate_samples(config: FacilityConfig, names: list[str] | None = None, *,
     for sample in samples:
         for index in range(sample.files):
             path = home / sample.name / file_name(sample, index)
-            if force or _existing_events(path) != sample.events_per_file:
+            shape = (sample.events_per_file, min(sample.cluster_events, sample.events_per_file))
+            if force or _existing_shape(path) != shape:
                 specs.append(FileSpec(path, sample.kind, sample.events_per_file, sample.seed,
-                                      index, sample.compression))
+                                      index, sample.compression, sample.cluster_events))
     if specs:
         report(f"generating {len(specs)} files ({sum(s.events for s in specs):,} events)")
         with ProcessPoolExecutor(max_workers=workers or min(len(specs), os.cpu_count() or 1)) as pool:

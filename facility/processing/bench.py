@@ -1,10 +1,15 @@
 """``facility bench``: throughput as ratios measured in one run on the same files and cores.
 
-Three ways to get the dimuon histogram from the same generated files with N processes:
+Ways to get the dimuon histogram from the same generated files with N processes:
 
 * ceiling: a raw uproot read of exactly the branches the analysis reads, one task per file;
-* coffea: plain ``processor.Runner`` with its defaults (futures executor with N workers);
-* facility: ``facility.run`` on a local facility cluster of N single-threaded workers.
+* hand-written: the same read plus the dimuon selection and histogram in plain numpy, in the
+  same processes (what a performance-minded physicist writes without a framework: the
+  practical limit);
+* coffea: plain ``processor.Runner`` with its defaults (futures executor with N workers), and
+  tuned to 500k-event chunks;
+* facility: ``facility.run`` on a local facility cluster of N single-threaded workers, with the
+  configured chunk size and with 50k-event chunks (what a chunk's fixed cost adds).
 
 Each is measured from a local file path and over ``root://`` from the embedded XRootD server.
 Absolute rates on a shared machine are noise; the ratios are the result.
@@ -13,10 +18,13 @@ Absolute rates on a shared machine are noise; the ratios are the result.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -29,6 +37,9 @@ from facility.processing.processors.dimuon import DimuonProcessor
 from facility.processing.runner import run
 
 BENCH_DATASET = "BenchDrellYan"
+TUNED_CHUNK = 500_000
+SMALL_CHUNK = 50_000
+MUON_COLUMNS = ("Muon_pt", "Muon_eta", "Muon_phi", "Muon_mass", "Muon_charge")
 
 
 _ceiling_trees: dict[str, Any] = {}
@@ -46,24 +57,68 @@ def _read_branches(url: str, columns: list[str]) -> int:
     return len(_ceiling_trees[url].arrays(columns))
 
 
-def ceiling(urls: list[str], columns: list[str], workers: int) -> float:
-    """Events per second of the raw read of the analysis' branches from already open files."""
+def handwritten_dimuon(tree: Any, low: float = 40.0, high: float = 200.0,
+                       bins: int = 320) -> tuple[int, np.ndarray]:
+    """The dimuon histogram with uproot and numpy only: entries read and the bin contents.
+
+    Exactly two muons of opposite charge, weighted by ``genWeight``: the selection of
+    :class:`~facility.processing.processors.dimuon.DimuonProcessor`, on flat arrays.
+    """
+    import awkward as ak
+
+    arrays = tree.arrays([*MUON_COLUMNS, "genWeight"], how=dict)
+    counts = ak.to_numpy(ak.num(arrays["Muon_pt"]))
+    flat = {name: ak.to_numpy(ak.flatten(arrays[name])).astype(np.float64) for name in MUON_COLUMNS}
+    first = (np.cumsum(counts) - counts)[counts == 2]
+    second = first + 1
+    charge = flat["Muon_charge"]
+    opposite = charge[first] + charge[second] == 0
+    first, second = first[opposite], second[opposite]
+    pt, eta, phi, m = (flat[f"Muon_{n}"] for n in ("pt", "eta", "phi", "mass"))
+    energy1 = np.sqrt((pt[first] * np.cosh(eta[first])) ** 2 + m[first] ** 2)
+    energy2 = np.sqrt((pt[second] * np.cosh(eta[second])) ** 2 + m[second] ** 2)
+    momenta = pt[first] * pt[second] * (np.cos(phi[first] - phi[second])
+                                        + np.sinh(eta[first]) * np.sinh(eta[second]))
+    mass = np.sqrt(np.maximum(m[first] ** 2 + m[second] ** 2
+                              + 2.0 * (energy1 * energy2 - momenta), 0.0))
+    weight = ak.to_numpy(arrays["genWeight"])[counts == 2][opposite]
+    contents, _ = np.histogram(mass, bins=bins, range=(low, high), weights=weight)
+    return len(counts), contents
+
+
+def _handwritten(url: str) -> int:
+    return handwritten_dimuon(_ceiling_trees[url])[0]
+
+
+def _pool_rate(urls: list[str], workers: int, work: Any, *args: list[Any]) -> float:
+    """Events per second of ``work(url, ...)`` over every file, from already open files."""
     with ProcessPoolExecutor(max_workers=workers, initializer=_open_trees,
                              initargs=(urls,)) as pool:
-        list(pool.map(_read_branches, urls, [columns] * len(urls)))  # warm: open, page cache
+        list(pool.map(work, urls, *args))  # warm: open, page cache
         started = time.perf_counter()
-        events = sum(pool.map(_read_branches, urls, [columns] * len(urls)))
+        events = sum(pool.map(work, urls, *args))
         return events / (time.perf_counter() - started)
 
 
-def plain_coffea(urls: list[str], workers: int) -> float:
-    """Events per second of coffea's Runner with its defaults."""
+def ceiling(urls: list[str], columns: list[str], workers: int) -> float:
+    """Events per second of the raw read of the analysis' branches from already open files."""
+    return _pool_rate(urls, workers, _read_branches, [columns] * len(urls))
+
+
+def handwritten(urls: list[str], workers: int) -> float:
+    """Events per second of the hand-written uproot + numpy dimuon analysis."""
+    return _pool_rate(urls, workers, _handwritten)
+
+
+def plain_coffea(urls: list[str], workers: int, chunk_size: int | None = None) -> float:
+    """Events per second of coffea's Runner: its defaults, or tuned to ``chunk_size``."""
     from coffea import processor
     from coffea.nanoevents import NanoAODSchema
 
     NanoAODSchema.warn_missing_crossrefs = False
+    tuning = {"chunksize": chunk_size} if chunk_size else {}
     runner = processor.Runner(executor=processor.FuturesExecutor(workers=workers),
-                              schema=NanoAODSchema, savemetrics=True)
+                              schema=NanoAODSchema, savemetrics=True, **tuning)
     fileset = {BENCH_DATASET: {"files": dict.fromkeys(urls, "Events"),
                                "metadata": {"is_data": False}}}
     started = time.perf_counter()
@@ -71,21 +126,50 @@ def plain_coffea(urls: list[str], workers: int) -> float:
     return float(metrics["entries"]) / (time.perf_counter() - started)
 
 
-def facility_rate(config: FacilityConfig, dataset: str, client: Any) -> tuple[float, list[str]]:
-    result = run(DimuonProcessor(), dataset, config=config, client=client, output=False)
+def facility_rate(config: FacilityConfig, dataset: str, client: Any,
+                  chunk_size: int | None = None) -> tuple[float, list[str]]:
+    result = run(DimuonProcessor(), dataset, config=config, client=client, output=False,
+                 chunk_size=chunk_size)
     return float(result.summary["events_per_second"]), result.summary["columns_read"]
 
 
-def measure(urls: list[str], dataset: str, config: FacilityConfig, client: Any, workers: int,
-            repeat: int) -> tuple[float, float, float, list[str]]:
-    """Best of ``repeat`` rounds for each way; the three alternate so drift hits them alike."""
+@dataclass
+class Row:
+    """Events per second of every way over one source (best of the rounds)."""
+
+    source: str
+    ceiling: float = 0.0
+    handwritten: float = 0.0
+    coffea: float = 0.0
+    coffea_tuned: float = 0.0
+    facility: float = 0.0
+    facility_small_chunks: float = 0.0
+
+    def ratios(self) -> dict[str, float]:
+        return {"facility/hand-written": self.facility / self.handwritten,
+                "facility/coffea tuned": self.facility / self.coffea_tuned,
+                "facility/coffea": self.facility / self.coffea,
+                "facility/ceiling": self.facility / self.ceiling,
+                "small/large chunks": self.facility_small_chunks / self.facility}
+
+
+def measure(label: str, urls: list[str], dataset: str, config: FacilityConfig, client: Any,
+            workers: int, repeat: int) -> tuple[Row, list[str]]:
+    """Best of ``repeat`` rounds for each way; the ways alternate so drift hits them alike."""
     _, columns = facility_rate(config, dataset, client)  # warm workers; learn the branches
-    ceil = cof = fac = 0.0
+    ways = {
+        "ceiling": lambda: ceiling(urls, columns, workers),
+        "handwritten": lambda: handwritten(urls, workers),
+        "coffea": lambda: plain_coffea(urls, workers),
+        "coffea_tuned": lambda: plain_coffea(urls, workers, TUNED_CHUNK),
+        "facility": lambda: facility_rate(config, dataset, client)[0],
+        "facility_small_chunks": lambda: facility_rate(config, dataset, client, SMALL_CHUNK)[0],
+    }
+    row = Row(label)
     for _ in range(repeat):
-        ceil = max(ceil, ceiling(urls, columns, workers))
-        cof = max(cof, plain_coffea(urls, workers))
-        fac = max(fac, facility_rate(config, dataset, client)[0])
-    return ceil, cof, fac, columns
+        for name, way in ways.items():
+            setattr(row, name, max(getattr(row, name), way()))
+    return row, columns
 
 
 def _file_dataset(config: FacilityConfig, source: Dataset) -> Dataset:
@@ -102,7 +186,7 @@ def bench_command(config: FacilityConfig, args: argparse.Namespace, console: Con
     workers = args.workers or config.cluster.max_workers
     per_file = max(1, args.events // args.files)
     sample = SampleConfig(name=BENCH_DATASET, kind="drell_yan", files=args.files,
-                          events_per_file=per_file, seed=99)
+                          events_per_file=per_file, cluster_events=SMALL_CHUNK, seed=99)
     config = config.model_copy(update={"samples": [*config.samples, sample]})
     config.cluster = config.cluster.model_copy(update={"min_workers": workers, "max_workers": workers,
                                                        "threads_per_worker": 1})
@@ -117,27 +201,41 @@ def bench_command(config: FacilityConfig, args: argparse.Namespace, console: Con
     backend.stop()
     client = backend.client()
     backend.wait_for_workers(client, workers)
-    rows = []
+    rows: list[Row] = []
+    columns: list[str] = []
     try:
         for label, dataset in (("local file", local), ("root://", remote)):
             urls = [f.replicas[0].url for f in dataset.files]
-            ceil, cof, fac, columns = measure(urls, dataset.name, config, client, workers,
-                                              max(1, args.repeat))
-            rows.append((label, ceil, cof, fac))
+            row, columns = measure(label, urls, dataset.name, config, client, workers,
+                                   max(1, args.repeat))
+            rows.append(row)
     finally:
         client.close()
         backend.stop()
-    _print_table(console, rows, workers, args.files * per_file, columns, max(1, args.repeat))
+    context = {"events": args.files * per_file, "workers": workers, "repeat": max(1, args.repeat),
+               "chunk_size": config.processing.chunk_size, "branches": columns}
+    if args.json:
+        print(json.dumps({**context, "rows": [{**asdict(r), "ratios": r.ratios()} for r in rows]},
+                         indent=2))
+    else:
+        _print_table(console, rows, context)
     return 0
 
 
-def _print_table(console: Console, rows: list[tuple[str, float, float, float]], workers: int,
-                 events: int, columns: list[str], repeat: int) -> None:
-    table = Table("source", "ceiling ev/s", "coffea ev/s", "facility ev/s",
-                  "fac/coffea", "fac/ceiling", "coffea/ceiling",
-                  title=f"dimuon over {events:,} events, {workers} worker processes, best of {repeat}; "
-                        f"branches read: {', '.join(columns)}")
-    for label, ceil, cof, fac in rows:
-        table.add_row(label, f"{ceil:,.0f}", f"{cof:,.0f}", f"{fac:,.0f}", f"{fac / cof:.2f}",
-                      f"{fac / ceil:.0%}", f"{cof / ceil:.0%}")
-    Console(width=max(console.width, 110)).print(table)
+def _print_table(console: Console, rows: list[Row], context: dict[str, Any]) -> None:
+    table = Table("source", "ceiling", "hand-written", "coffea", "coffea tuned", "facility",
+                  "facility 50k", "fac/hand", "fac/tuned", "fac/coffea", "fac/ceiling",
+                  "50k/default",
+                  title=f"dimuon over {context['events']:,} events, {context['workers']} worker "
+                        f"processes, events per second, best of {context['repeat']}; facility "
+                        f"chunks {context['chunk_size']:,} and {SMALL_CHUNK:,}, coffea tuned "
+                        f"{TUNED_CHUNK:,}; branches read: {', '.join(context['branches'])}")
+    for row in rows:
+        ratios = row.ratios()
+        table.add_row(row.source, *(f"{getattr(row, name):,.0f}" for name in (
+            "ceiling", "handwritten", "coffea", "coffea_tuned", "facility",
+            "facility_small_chunks")),
+            f"{ratios['facility/hand-written']:.0%}", f"{ratios['facility/coffea tuned']:.2f}",
+            f"{ratios['facility/coffea']:.2f}", f"{ratios['facility/ceiling']:.0%}",
+            f"{ratios['small/large chunks']:.0%}")
+    Console(width=max(console.width, 160)).print(table)

@@ -2,10 +2,16 @@
 
 It ships the processor once as a task (not a scattered object: if every worker dies, the
 scheduler recomputes a task, while scattered data is simply gone and every chunk that needed it
-would be lost), submits preflights and chunks, and hands back what finished in batches, each
-result already turned into a receipt or a :class:`~facility.processing.receipts.Failure`.
-Dask's own failures are translated here: a task that killed every worker it ran on, a
-scheduler that went away, a processor that cannot be loaded on the workers.
+would be lost), submits preflights and *bundles* of chunks, and hands back what finished in
+batches, each result already a receipt or a :class:`~facility.processing.receipts.Failure`.
+
+A bundle is processed on one worker thread, chunk after chunk, each merged into the worker's
+own accumulator for the run (:mod:`.resident`); only small receipts come back. Bundles keep the
+scheduler's task rate bounded however many cores run (one task per chunk would make the
+scheduler the limit at about a thousand cores), and :meth:`Dispatcher.collect` fetches the
+workers' accumulators, one per worker, about once per checkpoint. Dask's own failures are
+translated here: a task that killed every worker it ran on, a scheduler that went away, a
+processor that cannot be loaded on the workers.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
@@ -26,6 +33,7 @@ from distributed import Client, Future, as_completed, get_worker
 from distributed.scheduler import KilledWorker
 
 from facility.errors import UserCodeError
+from facility.processing import resident
 from facility.processing.plan import Chunk, FileTask
 from facility.processing.reader import (
     inspect_file,
@@ -33,12 +41,14 @@ from facility.processing.reader import (
     processor_key,
     users_own_file,
 )
-from facility.processing.receipts import Failure, Receipt, short
+from facility.processing.receipts import BundleDone, ChunkDone, Failure, Receipt, short
 
-Item = Chunk | FileTask
+Item = tuple[Chunk, ...] | FileTask  # a bundle of chunks, or a file's preflight
 Outcome = Receipt | Failure
 
 LOST_POLL_SECONDS = 0.25
+POLL_SECONDS = 0.02
+SLOTS_REFRESH_SECONDS = 2.0
 
 
 def _own_module(name: str) -> bool:
@@ -78,28 +88,64 @@ def _inspect_task(task: FileTask, timeout: int, avoid: frozenset[str]) -> Outcom
     return _stamped(inspect_file(task, timeout, avoid))
 
 
-def _chunk_task(processor: Any, chunk: Chunk, timeout: int, open_limit: int,
-                avoid: frozenset[str]) -> Outcome:
-    return _stamped(process_chunk(processor, chunk, timeout, open_limit, avoid))
+ChunkWork = Callable[..., ChunkDone | Failure]
+
+
+def _bundle_task(chunks: tuple[Chunk, ...], processor: Any, run_id: str, epoch: int,
+                 timeout: int, open_limit: int, avoid: frozenset[str],
+                 work: ChunkWork = process_chunk) -> BundleDone:
+    """Process chunks one after another on this worker thread, each merged at once into this
+    worker's accumulator for the run, and hand back receipts. ``work`` processes one chunk
+    (the scale emulation passes its own)."""
+    worker = _worker_name()
+    holder = resident.holder_name(worker)
+    done: list[ChunkDone] = []
+    failures: list[tuple[str, Failure]] = []
+    refused = False
+    for index, chunk in enumerate(chunks):
+        if index and resident.should_yield(run_id, epoch):
+            return BundleDone(holder, tuple(done), tuple(failures),
+                              tuple(c.chunk_id for c in chunks[index:]), not refused, worker)
+        outcome = work(processor, chunk, timeout, open_limit, avoid)
+        if isinstance(outcome, Failure):
+            failures.append((chunk.chunk_id, dataclasses.replace(outcome, worker=worker)))
+            if outcome.kind == "user":  # the run stops: the rest is not worth reading
+                return BundleDone(holder, tuple(done), tuple(failures),
+                                  tuple(c.chunk_id for c in chunks[index + 1:]), not refused,
+                                  worker)
+            continue
+        refused |= not resident.absorb(run_id, [chunk.chunk_id], outcome.output)
+        done.append(dataclasses.replace(outcome, output=None, worker=worker))
+    return BundleDone(holder, tuple(done), tuple(failures), (), not refused, worker)
 
 
 class SchedulerLost(ConnectionError):
     """The client lost its scheduler while fetching results."""
 
 
-async def _gather_unless_lost(client: Client, futures: list[Future]) -> list[Any]:
-    """The results of finished futures; gives up as soon as the client loses its scheduler,
+async def _unless_lost(client: Client, awaitable: Any) -> Any:
+    """Await a call to the scheduler; give up as soon as the client loses its scheduler,
     instead of waiting out the reconnection timeout."""
+    pending = asyncio.ensure_future(awaitable)
+    while True:
+        done, _ = await asyncio.wait([pending], timeout=LOST_POLL_SECONDS)
+        if done:
+            return pending.result()
+        if client.status != "running":
+            pending.cancel()
+            raise SchedulerLost(f"the client lost the scheduler ({client.status})")
+
+
+async def _gather_unless_lost(client: Client, futures: list[Future]) -> list[Any]:
+    """The results of finished futures, in one round trip."""
     if not futures:
         return []
-    fetching = asyncio.ensure_future(client.gather(futures, asynchronous=True))
-    while True:
-        done, _ = await asyncio.wait([fetching], timeout=LOST_POLL_SECONDS)
-        if done:
-            return list(fetching.result())
-        if client.status != "running":
-            fetching.cancel()
-            raise SchedulerLost(f"the client lost the scheduler ({client.status})")
+    return list(await _unless_lost(client, client.gather(futures, asynchronous=True)))
+
+
+async def _run_unless_lost(client: Client, function: Callable[..., Any], *args: Any) -> Any:
+    return await _unless_lost(client, client.run(function, *args, on_error="return",
+                                                 asynchronous=True))
 
 
 def _killed_worker(exc: BaseException) -> Failure:
@@ -122,16 +168,23 @@ def close_client(client: Client) -> None:
         quiet.setLevel(level)
 
 
+SUBMIT_BATCH = 250  # tasks per message: workers start on the first while the scheduler reads on
+
+
 class Dispatcher:
     """Submits a run's tasks and yields their outcomes as they finish."""
 
-    def __init__(self, client: Client, run_id: str, timeout: int, open_limit: int) -> None:
+    def __init__(self, client: Client, run_id: str, timeout: int, open_limit: int,
+                 work: ChunkWork = process_chunk) -> None:
         self.client, self.run_id = client, run_id
-        self.timeout, self.open_limit = timeout, open_limit
+        self.timeout, self.open_limit, self.work = timeout, open_limit, work
         self.pending = as_completed(loop=client.loop)
         self.items: dict[Any, Item] = {}  # by task key
         self.processor: Future | None = None
         self._numbers = itertools.count()
+        self._slots = (0, -1.0)  # (threads, when counted)
+        self.yields = 0  # bundles submitted from now on belong to this yield epoch
+        self._unsent: dict[frozenset[str], list[tuple[str, tuple[Chunk, ...]]]] = {}
 
     def ship(self, processor: Any) -> None:
         """Send the processor once; every chunk task depends on it."""
@@ -140,6 +193,13 @@ class Dispatcher:
 
     def _key(self, kind: str) -> str:
         return f"{kind}-{self.run_id}-{next(self._numbers)}"
+
+    def slots(self) -> int:
+        """Worker threads in the cluster now (asked at most every few seconds)."""
+        if time.monotonic() - self._slots[1] > SLOTS_REFRESH_SECONDS:
+            workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+            self._slots = (sum(w.get("nthreads", 1) for w in workers), time.monotonic())
+        return max(self._slots[0], 1)
 
     def _placement(self, avoid_workers: frozenset[str]) -> dict[str, Any]:
         """A retry prefers workers other than those it failed on, when there are any (a soft
@@ -158,22 +218,53 @@ class Dispatcher:
                                             pure=False, priority=10,
                                             **self._placement(avoid_workers)))
 
-    def process(self, chunk: Chunk, avoid: frozenset[str],
+    def process(self, chunks: tuple[Chunk, ...], avoid: frozenset[str],
                 avoid_workers: frozenset[str] = frozenset()) -> None:
-        key = self._key("chunk")
-        self.items[key] = chunk
-        self.pending.add(self.client.submit(_chunk_task, self.processor, chunk, self.timeout,
-                                            self.open_limit, avoid, key=key, pure=False,
-                                            **self._placement(avoid_workers)))
+        """Queue a bundle of chunks for the next :meth:`flush` (retries and tries elsewhere
+        come as bundles of one, submitted at once)."""
+        key = self._key("bundle")
+        self.items[key] = chunks
+        if avoid_workers:
+            self.pending.add(self.client.submit(
+                _bundle_task, chunks, key=key, pure=False, priority=5,
+                **self._bundle_arguments(avoid), **self._placement(avoid_workers)))
+        else:
+            self._unsent.setdefault(avoid, []).append((key, chunks))
+
+    def _bundle_arguments(self, avoid: frozenset[str]) -> dict[str, Any]:
+        return {"processor": self.processor, "run_id": self.run_id, "epoch": self.yields,
+                "timeout": self.timeout, "open_limit": self.open_limit, "avoid": avoid,
+                "work": self.work}
+
+    def flush(self) -> None:
+        """Submit every queued bundle, in one message to the scheduler per set of endpoints to
+        avoid: submitting thousands of tasks one by one costs the client seconds."""
+        for avoid, bundles in self._unsent.items():
+            for first in range(0, len(bundles), SUBMIT_BATCH):
+                batch = bundles[first:first + SUBMIT_BATCH]
+                self.pending.update(self.client.map(
+                    _bundle_task, [chunks for _, chunks in batch], key=[k for k, _ in batch],
+                    pure=False, **self._bundle_arguments(avoid)))
+        self._unsent.clear()
 
     @property
     def in_flight(self) -> int:
         return len(self.items)
 
-    def outcomes(self) -> Iterator[list[tuple[Item, Outcome]]]:
-        """Batches of (item, outcome) as tasks finish; one round trip per batch of results."""
-        for batch in self.pending.batches():
-            yield self._collect(batch)
+    @property
+    def chunks_in_flight(self) -> int:
+        return sum(len(item) for item in self.items.values() if isinstance(item, tuple))
+
+    def outcomes(self, wait: float) -> list[tuple[Item, Outcome]]:
+        """What finished since the last call, waiting up to ``wait`` seconds for something;
+        one round trip fetches a whole batch of results."""
+        self.flush()
+        deadline = time.monotonic() + wait
+        while True:
+            batch = self.pending.next_batch(block=False)
+            if batch or time.monotonic() >= deadline or not self.items:
+                return self._collect(batch)
+            time.sleep(POLL_SECONDS)
 
     def _collect(self, batch: list[Future]) -> list[tuple[Item, Outcome]]:
         finished = [f for f in batch if f.status == "finished"]
@@ -208,6 +299,27 @@ class Dispatcher:
             return Failure("scheduler-lost", message="the task's result was lost")
         raise exc  # the facility's own worker code failed: a bug, with its traceback
 
+    def collect(self) -> list[resident.Held]:
+        """Every worker's accumulator for the run, handed over and started afresh. A worker
+        missing from the answer (dead, or not answering) holds nothing that counts any more."""
+        if self.client.status != "running":
+            raise SchedulerLost(f"the client lost the scheduler ({self.client.status})")
+        try:
+            answers = self.client.sync(_run_unless_lost, self.client, resident.collect,
+                                       self.run_id)
+        except Exception as exc:
+            raise SchedulerLost(f"collecting the workers' results failed: {short(exc)}") from exc
+        return [held for held in answers.values() if isinstance(held, resident.Held)]
+
+    def yield_chunks(self) -> None:
+        """Ask every bundle of the run submitted so far to hand back the chunks it has not
+        started."""
+        self.flush()
+        if self.client.status == "running":
+            self.client.sync(_run_unless_lost, self.client, resident.yield_chunks, self.run_id,
+                             self.yields)
+        self.yields += 1
+
     def retire(self, worker: str) -> None:
         """Take a worker out of the cluster (the cluster starts a fresh one in its place)."""
         self.client.retire_workers(workers=[worker], close_workers=True)
@@ -218,8 +330,16 @@ class Dispatcher:
         futures = list(self.pending.futures)
         self.pending.clear()
         self.items.clear()
-        if futures and self.client.status == "running":
+        self._unsent.clear()
+        running = self.client.status == "running"
+        if futures and running:
             with contextlib.suppress(Exception):
                 self.client.cancel(futures)
-        if self.processor is not None and self.client.status == "running":
+        if self.processor is not None and running:
             self.processor.release()
+
+    def finish(self) -> None:
+        """The run is over: workers drop what they still hold for it."""
+        if self.client.status == "running":
+            with contextlib.suppress(Exception):
+                self.client.run(resident.forget, self.run_id, on_error="ignore")

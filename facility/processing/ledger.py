@@ -1,8 +1,11 @@
 """The chunk ledger: every chunk of a run is accounted for exactly once.
 
-A chunk is ``pending`` until its result is merged (``done``) or it is given up on (``skipped``,
-with the reason). A result that arrives for a chunk already done (a task that ran twice after a
-worker died, a resubmission racing the original) is refused, so nothing is counted twice. A
+A chunk is ``pending`` until its result is merged into the run's result (``done``) or it is
+given up on (``skipped``, with the reason). In between it may be ``held``: processed, its
+result merged into an accumulator that is still on the worker that processed it; it becomes
+``done`` when that accumulator is collected, or ``pending`` again if its worker is lost first.
+A result that arrives for a chunk already done (a task that ran twice after a worker died, a
+resubmission racing the original) is refused, so nothing is counted twice. A
 file that could not even be inspected has no chunks: it is recorded as a whole, with the
 events the catalog gives it, so that skipped input is never missing from the accounts.
 
@@ -59,6 +62,7 @@ class ChunkLedger:
     entries: dict[str, Entry] = field(default_factory=dict)
     skipped_files: dict[str, SkippedFile] = field(default_factory=dict)
     duplicates_refused: int = 0
+    redone: int = 0  # chunks processed again because the worker holding them was lost
     # chunks and events by state, kept as chunks move: progress is asked for often
     _counts: Counter[str] = field(default_factory=Counter)
     _events: Counter[str] = field(default_factory=Counter)
@@ -81,15 +85,41 @@ class ChunkLedger:
         entry.attempts += 1
         return entry.attempts
 
-    def settle_done(self, chunk_id: str, *, replica: str, worker: str | None,
-                    seconds: float, resumed: bool = False) -> bool:
-        """Mark a chunk merged; returns False (and merges nothing) if it was settled already."""
+    def settle_done(self, chunk_id: str, *, replica: str | None = None,
+                    worker: str | None = None, seconds: float | None = None,
+                    resumed: bool = False) -> bool:
+        """Mark a chunk merged into the run's result; returns False (and merges nothing) if it
+        was settled already. Details the chunk's receipt gave when it was held are kept."""
         entry = self.entries[chunk_id]
-        if entry.state != "pending":
+        if entry.state not in ("pending", "held"):
             self.duplicates_refused += 1
             return False
         self._move(entry, "done")
-        entry.replica, entry.worker, entry.seconds, entry.resumed = replica, worker, seconds, resumed
+        entry.replica = replica or entry.replica
+        entry.worker = worker or entry.worker
+        entry.seconds = seconds if seconds is not None else entry.seconds
+        entry.resumed = resumed
+        return True
+
+    def hold(self, chunk_id: str, *, replica: str, worker: str | None, seconds: float) -> bool:
+        """A chunk's receipt: its result waits in its worker's accumulator. A receipt for a
+        chunk already merged only completes its details."""
+        entry = self.entries[chunk_id]
+        if entry.state == "done" and entry.replica is None:
+            entry.replica, entry.worker, entry.seconds = replica, worker, seconds
+        if entry.state != "pending":
+            return False
+        self._move(entry, "held")
+        entry.replica, entry.worker, entry.seconds = replica, worker, seconds
+        return True
+
+    def unhold(self, chunk_id: str) -> bool:
+        """The accumulator holding the chunk was lost with its worker: it is to be done again."""
+        entry = self.entries[chunk_id]
+        if entry.state != "held":
+            return False
+        self._move(entry, "pending")
+        self.redone += 1
         return True
 
     def settle_skipped(self, chunk_id: str, reason: str, resumed: bool = False) -> bool:
@@ -132,6 +162,6 @@ class ChunkLedger:
 
     def check_complete(self) -> None:
         """At the end of a run no chunk may be left unaccounted for."""
-        left = self.pending()
+        left = self.pending() + [c for c, e in self.entries.items() if e.state == "held"]
         if left:
             raise LedgerError(f"{len(left)} chunks were never settled, first: {left[0]}")

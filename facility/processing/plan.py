@@ -128,12 +128,16 @@ def checked_fraction(asked: float | None, configured: float) -> float:
     return float(asked)
 
 
+DEFAULT_PORTS = {"root": 1094, "https": 443, "http": 80, "s3": 443}
+
+
 def _reachable(url: str, timeout: float = 2.0) -> bool:
     parts = urlsplit(url)
     if parts.scheme == "file":
         return Path(parts.path).exists()
-    default_ports = {"root": 1094, "https": 443, "http": 80, "s3": 443}
-    port = parts.port or default_ports.get(parts.scheme, 443)
+    if parts.scheme not in DEFAULT_PORTS:
+        return True  # nothing to probe: its reader knows
+    port = parts.port or DEFAULT_PORTS[parts.scheme]
     try:
         with socket.create_connection((parts.hostname or "localhost", port), timeout=timeout):
             return True
@@ -160,7 +164,12 @@ def file_tasks(datasets: Iterable[Dataset], config: FacilityConfig) -> list[File
 
 
 def plan_chunks(info: FileInfo, chunk_size: int) -> list[Chunk]:
-    """Cut a file into chunks of about ``chunk_size`` entries on cluster boundaries."""
+    """Cut a file into chunks of about ``chunk_size`` entries, whole clusters each.
+
+    A chunk that split a cluster would decompress that cluster's baskets once for each of its
+    parts, so a file whose clusters are larger than ``chunk_size`` gets a chunk per cluster.
+    Only a file that says nothing of its clusters is cut evenly.
+    """
     if chunk_size <= 0:
         raise UsageError(f"chunk_size must be a positive number of events, got {chunk_size}")
     if info.entries == 0:
@@ -168,8 +177,7 @@ def plan_chunks(info: FileInfo, chunk_size: int) -> list[Chunk]:
     n_chunks = max(1, round(info.entries / chunk_size))
     targets = np.linspace(0, info.entries, n_chunks + 1).round().astype(int)
     starts = np.asarray(sorted({*info.cluster_starts, 0, info.entries}))
-    if len(starts) - 1 >= n_chunks:
-        # clusters are finer than the chunks: snap each edge to the nearest cluster start
+    if info.cluster_starts:
         targets = np.asarray([starts[np.abs(starts - t).argmin()] for t in targets])
     edges = sorted({0, info.entries, *(int(t) for t in targets)})
     return [Chunk(info.task, a, b, info.entries) for a, b in itertools.pairwise(edges) if b > a]

@@ -20,6 +20,7 @@ other workers succeed) are not held against the input at all (:class:`Health`).
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -59,6 +60,32 @@ def decide(failure: Failure, *, attempts: int, retries: int, skip_bad_input: boo
     if attempts <= retries:
         return RETRY
     return Decision("fail", InfrastructureError)
+
+
+def bundle_size(queued: int, slots: int, chunk_seconds: float | None, max_tasks_per_second: float,
+                limit: int) -> int:
+    """How many chunks one task processes, one after another.
+
+    Enough that the scheduler starts at most ``max_tasks_per_second`` tasks however many slots
+    run (``slots / (chunk_seconds * b)`` tasks a second); never so many that some slots get
+    nothing while the queue still holds work for them. One chunk a task until a chunk's time is
+    known. (The end of a run is not this function's concern: bundles then hand back what they
+    have not started, see :mod:`.resident`.)
+    """
+    if chunk_seconds is None or chunk_seconds <= 0:
+        return 1
+    by_rate = math.ceil(slots / (chunk_seconds * max_tasks_per_second))
+    by_share = math.ceil(queued / max(slots, 1))
+    return max(1, min(limit, by_rate, by_share))
+
+
+STAGGER = (1.0, 0.6, 1.4, 0.8, 1.2)
+
+
+def staggered(size: int, task_number: int) -> int:
+    """Bundles of a few different sizes around ``size``: bundles started together then end at
+    different times, so the slots they free are refilled in a stream, not in one burst."""
+    return max(1, round(size * STAGGER[task_number % len(STAGGER)]))
 
 
 @dataclass

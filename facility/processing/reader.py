@@ -4,6 +4,8 @@ Speed comes from three things plain runners do not do:
 
 * an open-file cache per worker process that also keeps the deserialized tree, so a file's
   metadata (hundreds of branches) is parsed once per worker, not once per chunk;
+* the NanoEvents base form of a file (an awkward form for each of its hundreds of branches) is
+  worked out once per worker and file, not once per chunk;
 * the branches a processor touched in earlier chunks are read up front in one bulk request
   (one vector read over ``root://``), and anything else it touches is still read lazily;
 * chunks sit on cluster boundaries, so no basket is decompressed twice.
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
+import pickle
 import sysconfig
 import time
 import traceback
@@ -34,6 +38,8 @@ from typing import Any, TypeVar
 import fsspec
 import uproot
 from coffea.nanoevents import NanoAODSchema, NanoEventsFactory
+from coffea.nanoevents import factory as nanoevents_factory
+from coffea.nanoevents.mapping import UprootSourceMapping
 
 from facility.processing.plan import Chunk, FileInfo, FileTask, endpoint
 from facility.processing.receipts import (
@@ -53,6 +59,43 @@ _open_limit = 16
 # for every chunk costs about as much as reading the chunk's columns.
 TREES_KEPT_PER_FILE = 4
 T = TypeVar("T")
+
+
+BASE_FORMS_KEPT = 64
+_base_forms: OrderedDict[tuple[str, str, str], bytes] = OrderedDict()
+
+
+class FormKeepingMapping(UprootSourceMapping):
+    """coffea's mapping of a ROOT tree, which keeps each file's base form once worked out.
+
+    Building the form walks every branch of the tree (about a third of what a 50k-event chunk
+    of a NanoAOD file costs besides its data), and it is the same for every chunk of a file: a
+    file is known by its ROOT UUID, which a rewritten file does not keep. Each chunk gets its
+    own copy, as NanoEvents fills a chunk's metadata into the form and the schema consumes it.
+    """
+
+    @classmethod
+    def _extract_base_form(cls, tree: Any, iteritems_options: Any = None) -> Any:
+        options = iteritems_options or {}
+        key = (str(tree.file.uuid), str(tree.object_path),
+               json.dumps(options, sort_keys=True, default=repr))
+        kept = _base_forms.get(key)
+        if kept is None:
+            kept = pickle.dumps(super()._extract_base_form(tree, iteritems_options=options))
+            _base_forms[key] = kept
+            while len(_base_forms) > BASE_FORMS_KEPT:
+                _base_forms.popitem(last=False)
+        else:
+            _base_forms.move_to_end(key)
+        return pickle.loads(kept)
+
+
+def _keep_base_forms() -> None:
+    """NanoEventsFactory.from_root builds its mapping from a module attribute; ours is the same
+    mapping with the form kept (the public ``known_base_form`` is honoured in dask mode only).
+    Installed where the facility builds events (workers), so that nothing else in a client
+    process, a plain coffea Runner for comparison included, is changed."""
+    nanoevents_factory.UprootSourceMapping = FormKeepingMapping
 
 
 class FacilityNanoAODSchema(NanoAODSchema):
@@ -321,6 +364,7 @@ def user_code_failure(exc: BaseException, processor: Any, chunk: Chunk) -> Failu
 
 
 def _events(chunk: Chunk, handle: Any, preload: list[str], accessed: list[Any]) -> Any:
+    _keep_base_forms()
     metadata = {"dataset": chunk.file.dataset, "filename": chunk.file.name,
                 "entrystart": chunk.entry_start, "entrystop": chunk.entry_stop,
                 **chunk.file.metadata}

@@ -80,7 +80,21 @@ class Inspected:
     replicas_failed: tuple[ReplicaFailure, ...] = ()
 
 
-Receipt = ChunkDone | Inspected
+@dataclass(frozen=True)
+class BundleDone:
+    """A bundle of chunks processed on one worker. The chunks' results were merged there into
+    the worker's own accumulator for the run (``holder``); each done chunk has a receipt
+    without its output. Chunks after a failure of the user's code are left unattempted."""
+
+    holder: str
+    done: tuple[ChunkDone, ...]
+    failures: tuple[tuple[str, Failure], ...] = ()
+    unattempted: tuple[str, ...] = ()
+    absorbed: bool = True  # False: the worker refused the merge (it already held one of them)
+    worker: str | None = None
+
+
+Receipt = ChunkDone | Inspected | BundleDone
 
 
 # An OSError whose text carries one of these signs came from a server that could not be

@@ -114,7 +114,9 @@ def _settings(config: FacilityConfig, chunk_size: int | None, on_bad_input: str 
                                               processing.max_skipped_fraction),
         retries=processing.retries, checkpoint_seconds=processing.checkpoint_seconds,
         blackhole_failures=processing.blackhole_failures, open_timeout=processing.open_timeout,
-        open_files=processing.open_files_per_worker)
+        open_files=processing.open_files_per_worker,
+        max_tasks_per_second=processing.max_tasks_per_second,
+        bundle_limit=processing.bundle_limit)
 
 
 def _run_name(processor: ProcessorABC, datasets: list[str]) -> str:
@@ -382,7 +384,8 @@ def _summary(request: Request, engine: Run, wall: float) -> dict[str, Any]:
         "chunks": {"total": len(ledger.entries), "done": ledger.count("done"),
                    "skipped": ledger.count("skipped"),
                    "retried": sum(1 for e in ledger.entries.values() if e.attempts > 1),
-                   "resumed": len(resumed), "duplicates_refused": ledger.duplicates_refused},
+                   "resumed": len(resumed), "duplicates_refused": ledger.duplicates_refused,
+                   "redone": ledger.redone},
         "wall_seconds": round(wall, 3),
         "events_per_second": round(fresh / wall, 1) if wall > 0 else 0.0,
         "files": {"inspected": len(engine.preflights), "remembered": engine.remembered,
@@ -393,8 +396,8 @@ def _summary(request: Request, engine: Run, wall: float) -> dict[str, Any]:
         "per_dataset": _per_dataset(request, engine),
         "events_skipped": ledger.events("skipped"),
         "skipped": _skipped_items(ledger),
-        "columns_read": sorted(engine.columns),
-        "replicas_used": dict(engine.replicas_used),
+        "columns_read": sorted(engine.stats.columns),
+        "replicas_used": dict(engine.stats.replicas_used),
         "endpoints_unhealthy": sorted(engine.health.unhealthy),
         "replicas_failed": engine.health.replica_failures,
         "workers_used": sum(1 for t in engine.health.tallies.values() if t.done),
