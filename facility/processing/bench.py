@@ -117,7 +117,7 @@ def plain_coffea(urls: list[str], workers: int, chunk_size: int | None = None) -
 
     NanoAODSchema.warn_missing_crossrefs = False
     tuning = {"chunksize": chunk_size} if chunk_size else {}
-    runner = processor.Runner(executor=processor.FuturesExecutor(workers=workers),
+    runner = processor.Runner(executor=processor.FuturesExecutor(workers=workers, status=False),
                               schema=NanoAODSchema, savemetrics=True, **tuning)
     fileset = {BENCH_DATASET: {"files": dict.fromkeys(urls, "Events"),
                                "metadata": {"is_data": False}}}

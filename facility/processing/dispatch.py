@@ -49,6 +49,8 @@ Outcome = Receipt | Failure
 LOST_POLL_SECONDS = 0.25
 POLL_SECONDS = 0.02
 SLOTS_REFRESH_SECONDS = 2.0
+PROCESSOR_WAIT_SECONDS = 30.0
+GATHER_BATCH = 500
 
 
 def _own_module(name: str) -> bool:
@@ -185,11 +187,30 @@ class Dispatcher:
         self._slots = (0, -1.0)  # (threads, when counted)
         self.yields = 0  # bundles submitted from now on belong to this yield epoch
         self._unsent: dict[frozenset[str], list[tuple[str, tuple[Chunk, ...]]]] = {}
+        self._finished: list[Future] = []  # finished, not fetched yet
 
     def ship(self, processor: Any) -> None:
         """Send the processor once; every chunk task depends on it."""
         self.processor = self.client.submit(_load_processor, processor_payload(processor),
                                             key=f"processor-{self.run_id}", pure=False)
+        self._everywhere(self.processor)
+
+    def _everywhere(self, future: Future) -> None:
+        """Copy a result to every worker there is now, before the first bundle needs it.
+
+        Otherwise every worker fetches it from the one that made it just when that one starts
+        its first hundreds of tasks, and waits seconds for an answer. Still a task's result
+        (not scattered data): if every worker holding it dies, it is made again. A cluster
+        with no worker yet (adaptive, from zero) is not waited for: its workers fetch it.
+        """
+        if not self.client.scheduler_info(n_workers=-1)["workers"]:
+            return
+        deadline = time.monotonic() + PROCESSOR_WAIT_SECONDS
+        while future.status == "pending" and time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS)
+        if future.status == "finished":  # one that failed to load is reported by the bundles
+            with contextlib.suppress(Exception):  # a worker lost meanwhile: they fetch it
+                self.client.replicate([future])
 
     def _key(self, kind: str) -> str:
         return f"{kind}-{self.run_id}-{next(self._numbers)}"
@@ -257,12 +278,15 @@ class Dispatcher:
 
     def outcomes(self, wait: float) -> list[tuple[Item, Outcome]]:
         """What finished since the last call, waiting up to ``wait`` seconds for something;
-        one round trip fetches a whole batch of results."""
+        one round trip fetches a batch of results. A batch is at most ``GATHER_BATCH`` tasks:
+        the engine settles them and refills their slots before it fetches the next."""
         self.flush()
         deadline = time.monotonic() + wait
         while True:
-            batch = self.pending.next_batch(block=False)
-            if batch or time.monotonic() >= deadline or not self.items:
+            self._finished.extend(self.pending.next_batch(block=False))
+            if self._finished or time.monotonic() >= deadline or not self.items:
+                batch = self._finished[:GATHER_BATCH]
+                del self._finished[:GATHER_BATCH]
                 return self._collect(batch)
             time.sleep(POLL_SECONDS)
 
@@ -327,10 +351,11 @@ class Dispatcher:
     def cancel(self) -> None:
         """Forget every task; tell the scheduler only if it is still there (asking a lost one
         would wait out the connection timeout)."""
-        futures = list(self.pending.futures)
+        futures = [*self.pending.futures, *self._finished]
         self.pending.clear()
         self.items.clear()
         self._unsent.clear()
+        self._finished.clear()
         running = self.client.status == "running"
         if futures and running:
             with contextlib.suppress(Exception):

@@ -146,6 +146,9 @@ class Run:
         self.health = policy.Health(request.settings.blackhole_failures)
         self.queue: deque[Chunk] = deque()
         self.solo: set[str] = set()  # chunks to be tried alone (their bundle killed workers)
+        # chunks whose worker died under them; each is tried with nothing else in flight
+        self.suspects: deque[Chunk] = deque()
+        self.isolated: str | None = None  # the suspect being tried so
         self.last_yield = -math.inf  # when bundles were last asked to hand back chunks
         self.infos: dict[str, FileInfo] = {}
         self.preflights: Counter[str] = Counter()
@@ -187,6 +190,9 @@ class Run:
         """Keep every slot busy: submit bundles from the queue until about one and a half tasks
         per slot are out (a bundle is many seconds of work: one each, and a few to spare). A
         chunk tried before goes alone, to another worker if it can."""
+        if self.suspects or self.isolated:
+            self._try_suspect()
+            return
         if not self.queue:
             return
         dispatcher = self.dispatcher
@@ -205,6 +211,19 @@ class Run:
                 bundle.append(self.queue.popleft())
             self._submit(bundle)
         dispatcher.flush()
+
+    def _try_suspect(self) -> None:
+        """Once nothing else is in flight, try the next suspect: alone in the whole run, a
+        chunk that kills its worker again is the one to blame."""
+        dispatcher = self.dispatcher
+        if dispatcher.in_flight:
+            return
+        self.isolated = None  # the last suspect's try succeeded (a failure ended the run)
+        if self.suspects:
+            chunk = self.suspects.popleft()
+            self.isolated = chunk.chunk_id
+            self._submit([chunk])
+            dispatcher.flush()
 
     def _spread_the_tail(self) -> None:
         """The queue is empty, slots idle and bundles still hold chunks they have not started:
@@ -250,7 +269,7 @@ class Run:
             self._start(task)
         self._top_up()
         while self._dispatcher is not None and (self._dispatcher.in_flight or self.queue
-                                                or len(self.holdings)):
+                                                or self.suspects or len(self.holdings)):
             dispatcher = self._dispatcher
             for item, outcome in dispatcher.outcomes(wait=self._until_next_collection()):
                 self._settle(item, outcome)
@@ -370,11 +389,18 @@ class Run:
 
     def _bundle_failed(self, chunks: tuple[Chunk, ...], failure: Failure) -> None:
         """The whole task failed (Dask's failures). A bundle that killed its workers is split:
-        its chunks are tried alone, so that the one to blame is found and named."""
+        its chunks are tried alone, so that the one to blame is found and named. A worker that
+        dies takes every task it was given with it, those still waiting included, so a chunk
+        tried alone is blamed only once it killed its worker with nothing else in flight."""
         if failure.kind == "killed-worker" and len(chunks) > 1:
             for chunk in chunks:
                 self.solo.add(chunk.chunk_id)
                 self._redo(chunk)
+            return
+        if failure.kind == "killed-worker" and chunks[0].chunk_id != self.isolated:
+            entry = self.ledger.entries[chunks[0].chunk_id]
+            entry.attempts = max(0, entry.attempts - 1)
+            self.suspects.append(chunks[0])
             return
         for chunk in chunks:
             self._failed(chunk, failure)
