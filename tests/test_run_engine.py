@@ -267,6 +267,7 @@ def test_a_worker_refuses_to_hold_a_chunk_twice() -> None:
 @pytest.mark.parametrize(("queued", "slots", "seconds", "expected"), [
     (100_000, 2000, None, 4),      # a chunk's time is not known yet: a few a task
     (3_000, 2000, None, 2),        # ... and no more than each slot's share
+    (100, 2, None, 1),             # ... and one a task where the slots are few
     (100, 10, 2.5, 1),             # a small cluster: one chunk a task
     (100_000, 2000, 1.0, 8),       # 2000 slots of 1 s chunks: 250 tasks a second
     (4_000, 2000, 1.0, 2),         # the last waves: no slot takes more than its share

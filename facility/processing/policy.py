@@ -68,14 +68,17 @@ def bundle_size(queued: int, slots: int, chunk_seconds: float | None, max_tasks_
 
     Enough that the scheduler starts at most ``max_tasks_per_second`` tasks however many slots
     run (``slots / (chunk_seconds * b)`` tasks a second); never so many that some slots get
-    nothing while the queue still holds work for them. Until a chunk's time is known, a few
-    chunks a task: the client then takes in the first results while slots are still busy.
+    nothing while the queue still holds work for them. Until a chunk's time is known, one chunk
+    a task, or a few where the slots are so many that one a task would exceed the rate at any
+    chunk time of a second or more: the client then takes in the first results while slots are
+    still busy.
     (The end of a run is not this function's concern: bundles then hand back what they have not
     started, see :mod:`.resident`.)
     """
     by_share = math.ceil(queued / max(slots, 1))
     if chunk_seconds is None or chunk_seconds <= 0:
-        return max(1, min(limit, by_share, FIRST_BUNDLE))
+        by_rate_at_a_second = math.ceil(slots / max_tasks_per_second)
+        return max(1, min(limit, by_share, FIRST_BUNDLE, by_rate_at_a_second))
     by_rate = math.ceil(slots / (chunk_seconds * max_tasks_per_second))
     return max(1, min(limit, by_rate, by_share))
 
