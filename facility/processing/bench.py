@@ -18,7 +18,9 @@ Absolute rates on a shared machine are noise; the ratios are the result.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -183,6 +185,20 @@ def _file_dataset(config: FacilityConfig, source: Dataset) -> Dataset:
 
 
 def bench_command(config: FacilityConfig, args: argparse.Namespace, console: Console) -> int:
+    """Set up, measure with everything but the result on stderr (coffea draws progress bars on
+    stdout whatever it is told), then print the table or the JSON on stdout."""
+    with contextlib.redirect_stdout(sys.stderr):
+        rows, context = _measure_all(config, args, Console(stderr=True))
+    if args.json:
+        print(json.dumps({**context, "rows": [{**asdict(r), "ratios": r.ratios()} for r in rows]},
+                         indent=2))
+    else:
+        _print_table(console, rows, context)
+    return 0
+
+
+def _measure_all(config: FacilityConfig, args: argparse.Namespace, console: Console
+                 ) -> tuple[list[Row], dict[str, Any]]:
     workers = args.workers or config.cluster.max_workers
     per_file = max(1, args.events // args.files)
     sample = SampleConfig(name=BENCH_DATASET, kind="drell_yan", files=args.files,
@@ -214,12 +230,7 @@ def bench_command(config: FacilityConfig, args: argparse.Namespace, console: Con
         backend.stop()
     context = {"events": args.files * per_file, "workers": workers, "repeat": max(1, args.repeat),
                "chunk_size": config.processing.chunk_size, "branches": columns}
-    if args.json:
-        print(json.dumps({**context, "rows": [{**asdict(r), "ratios": r.ratios()} for r in rows]},
-                         indent=2))
-    else:
-        _print_table(console, rows, context)
-    return 0
+    return rows, context
 
 
 def _print_table(console: Console, rows: list[Row], context: dict[str, Any]) -> None:

@@ -49,7 +49,7 @@ Outcome = Receipt | Failure
 LOST_POLL_SECONDS = 0.25
 POLL_SECONDS = 0.02
 SLOTS_REFRESH_SECONDS = 2.0
-PROCESSOR_WAIT_SECONDS = 30.0
+PROCESSOR_WAIT_SECONDS = 10.0
 GATHER_BATCH = 500
 
 
@@ -73,6 +73,10 @@ def processor_payload(processor: Any) -> bytes:
 
 def _load_processor(payload: bytes) -> Any:
     return cloudpickle.loads(payload)
+
+
+def _holds(processor: Any) -> None:
+    """Nothing: running it makes its worker fetch the processor."""
 
 
 def _worker_name() -> str:
@@ -196,21 +200,27 @@ class Dispatcher:
         self._everywhere(self.processor)
 
     def _everywhere(self, future: Future) -> None:
-        """Copy a result to every worker there is now, before the first bundle needs it.
+        """Have every worker there is now fetch a result before the first bundle needs it.
 
         Otherwise every worker fetches it from the one that made it just when that one starts
-        its first hundreds of tasks, and waits seconds for an answer. Still a task's result
-        (not scattered data): if every worker holding it dies, it is made again. A cluster
-        with no worker yet (adaptive, from zero) is not waited for: its workers fetch it.
+        its first hundreds of tasks, and waits seconds for an answer. A small task pinned to
+        each worker pulls it; they are waited for a bounded time, never more (a worker lost
+        meanwhile fetches it later, as does one that joins later). Still a task's result, not
+        scattered data: if every worker holding it dies, it is made again.
         """
-        if not self.client.scheduler_info(n_workers=-1)["workers"]:
-            return
+        workers = list(self.client.scheduler_info(n_workers=-1)["workers"])
+        if not workers:
+            return  # an adaptive cluster starting from zero: its workers fetch it
+        pulls = [self.client.submit(_holds, future, key=f"{future.key}-copy-{index}",
+                                    workers=[worker], allow_other_workers=False, pure=False,
+                                    priority=20)
+                 for index, worker in enumerate(workers)]
         deadline = time.monotonic() + PROCESSOR_WAIT_SECONDS
-        while future.status == "pending" and time.monotonic() < deadline:
+        while (any(p.status == "pending" for p in pulls) and future.status != "error"
+               and time.monotonic() < deadline):
             time.sleep(POLL_SECONDS)
-        if future.status == "finished":  # one that failed to load is reported by the bundles
-            with contextlib.suppress(Exception):  # a worker lost meanwhile: they fetch it
-                self.client.replicate([future])
+        for pull in pulls:  # a processor that failed to load is reported by the bundles
+            pull.release()
 
     def _key(self, kind: str) -> str:
         return f"{kind}-{self.run_id}-{next(self._numbers)}"
