@@ -311,6 +311,9 @@ class Dispatcher:
             results.update((f.key, lost) for f in finished)
         collected = []
         for future in batch:
+            if future.key not in results and future.status in ("pending", "lost"):
+                self.pending.add(future)  # its worker died holding the result: Dask computes it
+                continue                  # again, and it comes back finished
             outcome = results.get(future.key) or self._failure(future)
             collected.append((self.items.pop(future.key), outcome))
             future.release()
