@@ -378,14 +378,15 @@ class Run:
         for chunk_id in bundle.unattempted:
             self._redo(by_id[chunk_id])
 
-    def _redo(self, chunk: Chunk) -> None:
-        """A chunk processed, but not where the run can collect it: queue it afresh."""
+    def _redo(self, chunk: Chunk, into: deque[Chunk] | None = None) -> None:
+        """A chunk processed, or lost, not through its own fault: queue it afresh (or ``into``
+        another line), and this try does not count against it."""
         entry = self.ledger.entries[chunk.chunk_id]
         if entry.state == "held":
             self.ledger.unhold(chunk.chunk_id)
         if entry.state == "pending":
-            entry.attempts = max(0, entry.attempts - 1)  # this try does not count against it
-            self.queue.append(chunk)
+            entry.attempts = max(0, entry.attempts - 1)
+            (self.queue if into is None else into).append(chunk)
 
     def _bundle_failed(self, chunks: tuple[Chunk, ...], failure: Failure) -> None:
         """The whole task failed (Dask's failures). A bundle that killed its workers is split:
@@ -398,9 +399,7 @@ class Run:
                 self._redo(chunk)
             return
         if failure.kind == "killed-worker" and chunks[0].chunk_id != self.isolated:
-            entry = self.ledger.entries[chunks[0].chunk_id]
-            entry.attempts = max(0, entry.attempts - 1)
-            self.suspects.append(chunks[0])
+            self._redo(chunks[0], into=self.suspects)
             return
         for chunk in chunks:
             self._failed(chunk, failure)
