@@ -22,7 +22,7 @@ os.environ.setdefault("XRD_STREAMERRORWINDOW", "5")
 
 from facility.config import FacilityConfig, load_config
 
-__all__ = ["FacilityConfig", "connect", "load_config", "run", "submit"]
+__all__ = ["FacilityConfig", "connect", "load_config", "lumi_weight", "run", "submit"]
 __version__ = "0.1.0"
 
 
@@ -32,6 +32,10 @@ def __getattr__(name: str) -> object:
         from facility.processing.runner import run
 
         return run
+    if name == "lumi_weight":
+        from facility.processing.weights import lumi_weight
+
+        return lumi_weight
     if name == "connect":
         from facility.cluster.connect import connect
 

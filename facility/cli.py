@@ -69,10 +69,10 @@ def cmd_data_list(args: argparse.Namespace) -> int:
     from facility.data.catalog import load_catalog
 
     catalog = load_catalog(_config(args).catalog_path)
-    table = Table("dataset", "files", "events", "data/MC", "regions")
+    table = Table("dataset", "files", "events", "schema", "data/MC", "regions")
     for name, ds in sorted(catalog.datasets.items()):
         regions = sorted({r.region for f in ds.files for r in f.replicas})
-        table.add_row(name, str(len(ds.files)), f"{ds.events:,}",
+        table.add_row(name, str(len(ds.files)), f"{ds.events:,}", ds.schema_name,
                       "data" if ds.metadata.is_data else "MC", ", ".join(regions))
     console.print(table)
     return 0
@@ -82,12 +82,70 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     from facility.data.catalog import load_catalog
 
     ds = load_catalog(_config(args).catalog_path).get(args.name)
-    console.print(f"[bold]{args.name}[/bold]  tree={ds.tree}  events={ds.events:,}  "
+    console.print(f"[bold]{args.name}[/bold]  tree={ds.tree}  schema={ds.schema_name}  "
+                  f"events={ds.events:,}  "
                   f"metadata={ds.metadata.model_dump(exclude_none=True)}")
     for entry in ds.files:
         console.print(f"  {entry.name}  {entry.events:,} events")
         for replica in entry.replicas:
             console.print(f"    [{replica.region}] {replica.url}")
+    return 0
+
+
+@contextlib.contextmanager
+def _cluster_inspector(config: FacilityConfig) -> Iterator[Any]:
+    """Files are inspected where runs read them: on the facility's cluster."""
+    from facility.data.register import inspect_on_cluster
+    from facility.processing.dispatch import close_client
+    from facility.processing.runner import client_for
+
+    client, mine = client_for(config, None)
+    try:
+        yield inspect_on_cluster(client, config.processing.open_timeout)
+    finally:
+        if mine:
+            close_client(client)
+
+
+def cmd_data_add(args: argparse.Namespace) -> int:
+    from facility.data.register import AddRequest, add_dataset
+
+    config = _config(args)
+    request = AddRequest(args.name, args.sources, tree=args.tree, schema=args.schema,
+                         metadata=args.meta, replicas=args.replica, region=args.region,
+                         sum_genweight=args.sum_genweight, replace=args.replace)
+    with _cluster_inspector(config) as inspect:
+        dataset = add_dataset(config, request, inspect)
+    console.print(f"added {dataset.name}: {len(dataset.files)} files, {dataset.events:,} events, "
+                  f"tree {dataset.tree}, schema {dataset.schema_name}")
+    if dataset.metadata.sum_genweight is not None:
+        console.print(f"  sum of {args.sum_genweight}: {dataset.metadata.sum_genweight:.6g}")
+    console.print(f"catalog: {config.catalog_path}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from facility.data.register import check_dataset
+
+    config = _config(args)
+    with _cluster_inspector(config) as inspect:
+        checks = check_dataset(config, args.name, inspect)
+    bad = [c for c in checks if c.status != "ok"]
+    for check in bad:
+        console.print(f"[red]{check.status}[/red] {check.dataset}/{check.file} {check.url}: "
+                      f"{escape(check.detail)}", soft_wrap=True)
+    console.print(f"{args.name}: {len(checks) - len(bad)} of {len(checks)} replicas as "
+                  f"catalogued" + (f", {len(bad)} missing or changed" if bad else ""))
+    return 3 if bad else 0
+
+
+def cmd_data_remove(args: argparse.Namespace) -> int:
+    from facility.data.register import remove_dataset
+
+    config = _config(args)
+    dataset = remove_dataset(config, args.name)
+    console.print(f"removed {args.name} ({len(dataset.files)} files) from {config.catalog_path}; "
+                  "the files themselves are left in place")
     return 0
 
 
@@ -180,7 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                      on_bad_input="skip" if args.skip_bad_input else None,
                      max_skipped_fraction=args.max_skipped_fraction, progress=update,
                      output=Path(args.output) if args.output else True, name=args.name,
-                     resume=args.resume)
+                     resume=args.resume, schema=args.schema)
     print_summary(result.summary)
     if args.json:
         console.print_json(json.dumps(result.summary, default=str))
@@ -436,6 +494,9 @@ def parser() -> argparse.ArgumentParser:
     run_p.add_argument("--resume", metavar="RUN",
                        help="continue an interrupted run (its name or folder): only missing chunks "
                             "are processed; a complete run's result is read back")
+    run_p.add_argument("--schema", help="event schema for every dataset (nanoaod, physlite, "
+                                        "pfnano, base, ...; default: each dataset's in the "
+                                        "catalog, or the processor's own)")
     run_p.add_argument("--output", help="output folder (default: a new one in the output area)")
     run_p.add_argument("--json", action="store_true", help="also print the summary as JSON")
     run_p.set_defaults(func=cmd_run)
@@ -445,6 +506,36 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("sample", nargs="*")
     gen.add_argument("--force", action="store_true")
     gen.set_defaults(func=cmd_data_generate)
+    add = data.add_parser(
+        "add", help="inspect your files on the cluster and add them as a dataset",
+        description="Add files (paths, globs, directories, or root://, https://, s3:// URLs) as "
+                    "a dataset. Each file is opened on the cluster: its tree is found, its "
+                    "entries counted, a few events built with the schema. A file that cannot "
+                    "be read or does not fit is refused, and nothing is written.",
+        epilog="example: facility data add MyDY 'data/dy/*.root' --schema nanoaod "
+               "--meta cross_section_pb=6077.2 --meta year=2018 --sum-genweight")
+    add.add_argument("name", help="the dataset's name in the catalog")
+    add.add_argument("sources", nargs="+", metavar="SOURCE")
+    add.add_argument("--tree", help="tree or RNTuple name (default: the file's only one, or "
+                                    "Events / CollectionTree)")
+    add.add_argument("--schema", default="nanoaod",
+                     help="event schema: nanoaod, physlite, pfnano, base, ... (default nanoaod)")
+    add.add_argument("--meta", action="append", metavar="KEY=VALUE",
+                     help="metadata the processor finds in events.metadata (repeatable)")
+    add.add_argument("--replica", action="append", metavar="REGION=BASE_URL",
+                     help="another copy of every file at BASE_URL/<file name> (repeatable)")
+    add.add_argument("--region", help="region of the given files (default: found from the "
+                                      "path or server)")
+    add.add_argument("--sum-genweight", nargs="?", const="genWeight", metavar="BRANCH",
+                     help="sum the generator weights (default branch genWeight) over every file")
+    add.add_argument("--replace", action="store_true", help="replace a dataset of that name")
+    add.set_defaults(func=cmd_data_add)
+    check = data.add_parser("check", help="open every replica again: report missing or changed")
+    check.add_argument("name")
+    check.set_defaults(func=cmd_data_check)
+    remove = data.add_parser("remove", help="drop a dataset from the catalog (files are kept)")
+    remove.add_argument("name")
+    remove.set_defaults(func=cmd_data_remove)
     data.add_parser("list", help="datasets in the catalog").set_defaults(func=cmd_data_list)
     show = data.add_parser("show", help="files and replicas of a dataset")
     show.add_argument("name")

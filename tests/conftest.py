@@ -19,7 +19,8 @@ from facility.embedded import facility as embedded
 from facility.embedded.services import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-REAL_SAMPLES = ("nano_dy.root", "nano_tt_v12.root")
+REAL_SAMPLES = ("nano_dy.root", "nano_tt_v12.root", "nano_tt_v15.root", "nano_dy_rntuple.root",
+                "PHYSLITE_example.root")
 
 
 def small_config(home: Path, **overrides: object) -> FacilityConfig:
@@ -73,7 +74,8 @@ def facility_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facili
 
 @pytest.fixture(scope="session")
 def real_nanoaod(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Real NanoAOD files written by CMS software, from coffea's source distribution."""
+    """Real files written by experiments' software, from coffea's source distribution: NanoAOD
+    of several versions (one as an RNTuple) and ATLAS PHYSLITE."""
     cache = REPO / ".facility" / "cache" / f"coffea-{coffea.__version__}"
     wanted = {name: cache / name for name in REAL_SAMPLES}
     if not all(p.exists() for p in wanted.values()):

@@ -97,7 +97,7 @@ def test_pair_mass_is_the_four_vector_sum(facility_config: FacilityConfig) -> No
     from coffea.nanoevents import NanoEventsFactory
 
     from facility.processing.processors.dimuon import pair_mass
-    from facility.processing.reader import FacilityNanoAODSchema
+    from facility.processing.schemas import FacilityNanoAODSchema
 
     source = sorted((facility_config.data_path / "east" / "DY").glob("*.root"))[0]
     events = NanoEventsFactory.from_root(f"{source}:Events", mode="eager",
@@ -120,7 +120,8 @@ def test_a_files_base_form_is_built_once_and_each_chunk_gets_its_own_copy(
 
     def events(path: Path, start: int, stop: int) -> Any:
         task = FileTask("DY", path.name, "Events", (str(path),), 20000)
-        return reader._events(Chunk(task, start, stop, 20000), uproot.open(path), [], [])
+        return reader._events(None, Chunk(task, start, stop, 20000), str(path),
+                              uproot.open(path), [], [])
 
     one, two = events(first, 0, 1000), events(first, 1000, 2000)
     assert len(reader._base_forms) == 1
@@ -138,7 +139,7 @@ def test_the_benchmarks_hand_written_dimuon_is_the_processors_histogram(
     from coffea.nanoevents import NanoEventsFactory
 
     from facility.processing.bench import handwritten_dimuon
-    from facility.processing.reader import FacilityNanoAODSchema
+    from facility.processing.schemas import FacilityNanoAODSchema
 
     source = sorted((facility_config.data_path / "east" / "DY").glob("*.root"))[0]
     events = NanoEventsFactory.from_root(f"{source}:Events", mode="eager",

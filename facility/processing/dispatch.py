@@ -60,10 +60,11 @@ def _own_module(name: str) -> bool:
 
 
 def processor_payload(processor: Any) -> bytes:
-    """The processor as bytes; classes from the user's own modules travel by value."""
-    for cls in type(processor).__mro__:
-        if _own_module(cls.__module__):
-            cloudpickle.register_pickle_by_value(sys.modules[cls.__module__])
+    """The processor as bytes. Everything it uses from the user's own modules (beside their
+    notebook, which workers cannot import: the processor's module, a helpers module it
+    imports, a schema class of its own) travels by value."""
+    for name in [n for n in list(sys.modules) if _own_module(n)]:
+        cloudpickle.register_pickle_by_value(sys.modules[name])
     try:
         return cloudpickle.dumps(processor)
     except Exception as exc:

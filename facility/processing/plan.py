@@ -37,6 +37,7 @@ class FileTask:
     urls: tuple[str, ...]
     catalog_events: int
     metadata: dict = field(default_factory=dict, hash=False, compare=False)
+    schema: str = "nanoaod"
 
     @property
     def label(self) -> str:
@@ -155,11 +156,12 @@ def file_tasks(datasets: Iterable[Dataset], config: FacilityConfig) -> list[File
     """Logical files with replicas ranked: nearest region first, then protocol preference."""
     tasks = []
     for ds in datasets:
-        metadata = ds.metadata.model_dump(exclude_none=True)
+        # what a processor reads in events.metadata besides the chunk's own keys
+        metadata = {**ds.metadata.model_dump(exclude_none=True), "events_total": ds.events}
         for entry in ds.files:
             ranked = rank_replicas(entry.replicas, config)
             tasks.append(FileTask(ds.name, entry.name, ds.tree, tuple(r.url for r in ranked),
-                                  entry.events, metadata))
+                                  entry.events, metadata, ds.schema_name))
     return tasks
 
 

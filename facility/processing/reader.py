@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import fsspec
 import uproot
-from coffea.nanoevents import NanoAODSchema, NanoEventsFactory
+from coffea.nanoevents import NanoEventsFactory
 from coffea.nanoevents import factory as nanoevents_factory
 from coffea.nanoevents.mapping import UprootSourceMapping
 
@@ -50,6 +50,10 @@ from facility.processing.receipts import (
     ReplicaProblem,
     replica_problem,
     short,
+)
+from facility.processing.schemas import (
+    quiet_schema_warnings,
+    schema_class,
 )
 
 _open_files: OrderedDict[str, Any] = OrderedDict()
@@ -96,12 +100,6 @@ def _keep_base_forms() -> None:
     Installed where the facility builds events (workers), so that nothing else in a client
     process, a plain coffea Runner for comparison included, is changed."""
     nanoevents_factory.UprootSourceMapping = FormKeepingMapping
-
-
-class FacilityNanoAODSchema(NanoAODSchema):
-    """NanoAOD as skimmed files carry it: cross-references to dropped collections are normal."""
-
-    warn_missing_crossrefs = False
 
 
 class ReplicaBroken(Exception):
@@ -247,10 +245,20 @@ def _inspect(task: FileTask, url: str, handle: Any) -> FileInfo:
         _check_complete(handle)
         tree = handle[task.tree]
         entries = int(tree.num_entries)
-        starts = tuple(int(x) for x in tree.common_entry_offsets())
+        starts = cluster_starts(tree)
     except Exception as exc:  # noqa: BLE001 (anything raised reading the header is the replica's)
         raise ReplicaBroken(replica_problem(exc), short(exc)) from None
     return FileInfo(task, url, entries, starts)
+
+
+def cluster_starts(tree: Any) -> tuple[int, ...]:
+    """The first entry of every cluster, and the end: a TTree's common basket boundaries, an
+    RNTuple's cluster summaries."""
+    summaries = getattr(tree, "cluster_summaries", None)
+    if summaries is not None:
+        starts = [int(c.num_first_entry) for c in summaries]
+        return (*starts, int(tree.num_entries))
+    return tuple(int(x) for x in tree.common_entry_offsets())
 
 
 def inspect_file(task: FileTask, timeout: int, avoid: frozenset[str] = frozenset()
@@ -363,16 +371,29 @@ def user_code_failure(exc: BaseException, processor: Any, chunk: Chunk) -> Failu
                    f"{short(exc)}{hint}", where=where, traceback=text)
 
 
-def _events(chunk: Chunk, handle: Any, preload: list[str], accessed: list[Any]) -> Any:
+def chunk_metadata(chunk: Chunk, url: str) -> dict[str, Any]:
+    """``events.metadata``: the dataset's metadata (its own keys and totals) and the chunk's."""
+    return {**chunk.file.metadata, "dataset": chunk.file.dataset, "filename": chunk.file.name,
+            "url": url, "entrystart": chunk.entry_start, "entrystop": chunk.entry_stop}
+
+
+def build_events(handle: Any, tree: str, start: int, stop: int, schema: type, *,
+                 metadata: dict[str, Any] | None = None, preload: list[str] | None = None,
+                 accessed: list[Any] | None = None) -> Any:
+    """NanoEvents of entries [start, stop) of a tree or RNTuple, read lazily."""
     _keep_base_forms()
-    metadata = {"dataset": chunk.file.dataset, "filename": chunk.file.name,
-                "entrystart": chunk.entry_start, "entrystop": chunk.entry_stop,
-                **chunk.file.metadata}
-    return NanoEventsFactory.from_root(
-        handle, treepath=chunk.file.tree, entry_start=chunk.entry_start,
-        entry_stop=chunk.entry_stop, mode="virtual", preload=preload or None,
-        schemaclass=FacilityNanoAODSchema, metadata=metadata, access_log=accessed,
-    ).events()
+    with quiet_schema_warnings():
+        return NanoEventsFactory.from_root(
+            handle, treepath=tree, entry_start=start, entry_stop=stop, mode="virtual",
+            preload=preload or None, schemaclass=schema, metadata=metadata,
+            access_log=accessed).events()
+
+
+def _events(processor: Any, chunk: Chunk, url: str, handle: Any, preload: list[str],
+            accessed: list[Any]) -> Any:
+    return build_events(handle, chunk.file.tree, chunk.entry_start, chunk.entry_stop,
+                        schema_class(chunk.file.schema, processor),
+                        metadata=chunk_metadata(chunk, url), preload=preload, accessed=accessed)
 
 
 def _call(processor: Any, events: Any) -> Any:
@@ -380,7 +401,7 @@ def _call(processor: Any, events: Any) -> Any:
     return processor.process(events)
 
 
-def _process_on(processor: Any, chunk: Chunk, handle: Any) -> tuple[Any, list[str]]:
+def _process_on(processor: Any, chunk: Chunk, url: str, handle: Any) -> tuple[Any, list[str]]:
     tree = handle[chunk.file.tree]
     if chunk.file_entries >= 0 and tree.num_entries != chunk.file_entries:
         raise ReplicaBroken("damaged", f"the file has {tree.num_entries} entries, the run planned "
@@ -390,7 +411,7 @@ def _process_on(processor: Any, chunk: Chunk, handle: Any) -> tuple[Any, list[st
     preload = sorted(name for name in _columns_touched.get(key, ()) if name in tree)
     accessed: list[Any] = []
     try:
-        events = _events(chunk, handle, preload, accessed)
+        events = _events(processor, chunk, url, handle, preload, accessed)
     except Exception as exc:  # noqa: BLE001 (building the events reads only this file)
         raise ReplicaBroken(replica_problem(exc), short(exc)) from None
     try:
@@ -413,7 +434,7 @@ def process_chunk(processor: Any, chunk: Chunk, timeout: int = 30,
         set_open_limit(open_limit)
     try:
         (output, columns), url, failed = _each_replica(
-            chunk.file, timeout, avoid, lambda url, handle: _process_on(processor, chunk, handle))
+            chunk.file, timeout, avoid, lambda url, handle: _process_on(processor, chunk, url, handle))
     except UserCodeFailed as user:
         return user.failure
     except AllReplicasFailed as every:

@@ -17,6 +17,7 @@ one, builds its summary and writes its outputs (:mod:`.runfolder`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 import warnings
@@ -33,7 +34,7 @@ from distributed import Client
 from facility.cluster.base import backend_for
 from facility.cluster.connect import connect, job_cluster
 from facility.config import FacilityConfig, load_config
-from facility.data.catalog import load_catalog
+from facility.data.catalog import checked_schema_name, load_catalog
 from facility.errors import UsageError
 from facility.processing.dispatch import Dispatcher, close_client, processor_payload
 from facility.processing.engine import (
@@ -57,6 +58,7 @@ from facility.processing.plan import (
 from facility.processing.processors import load_processor
 from facility.processing.reader import processor_key
 from facility.processing.runfolder import RunFolder
+from facility.processing.schemas import processors_choice
 
 SPEC_VERSION = 1
 __all__ = ["BadInputError", "ProcessorError", "Progress", "RunError", "RunInterrupted",
@@ -80,7 +82,7 @@ def _as_processor(processor: ProcessorABC | str) -> ProcessorABC:
     return load_processor(processor) if isinstance(processor, str) else processor
 
 
-def _client_for(config: FacilityConfig, client: Client | None) -> tuple[Client, bool]:
+def client_for(config: FacilityConfig, client: Client | None) -> tuple[Client, bool]:
     """The given client, else the batch job's own cluster inside a job, else the facility's."""
     if client is not None:
         return client, False
@@ -131,19 +133,30 @@ def _output_path(output: bool | Path | str) -> Path | None:
 
 def _new_request(config: FacilityConfig, processor: ProcessorABC | str | None,
                  dataset: str | list[str] | None, settings: RunSettings,
-                 output: bool | Path | str, name: str | None) -> Request:
+                 output: bool | Path | str, name: str | None, schema: str | None) -> Request:
     if processor is None or not dataset:
         raise UsageError("a run needs a processor and at least one dataset (or resume=NAME)")
     instance = _as_processor(processor)
     names = [dataset] if isinstance(dataset, str) else list(dataset)
     catalog = load_catalog(config.catalog_path)
     datasets = [catalog.get(n) for n in names]
-    request = Request(instance, processor_payload(instance), names, file_tasks(datasets, config),
+    tasks = with_schema(file_tasks(datasets, config), instance, schema)
+    request = Request(instance, processor_payload(instance), names, tasks,
                       {ds.name: ds.events for ds in datasets}, settings)
     if output is not False:
         request.folder = RunFolder.for_new_run(config, name, _output_path(output),
                                                _run_name(instance, names))
     return request
+
+
+def with_schema(tasks: list[FileTask], processor: ProcessorABC, schema: str | None
+                ) -> list[FileTask]:
+    """The tasks read with the run's schema, else the processor's, else their catalog's."""
+    chosen = (checked_schema_name(schema, "schema") if schema is not None
+              else processors_choice(processor))
+    if chosen is None:
+        return tasks
+    return [dataclasses.replace(task, schema=chosen) for task in tasks]
 
 
 def _spec(request: Request, folder: RunFolder) -> dict[str, Any]:
@@ -205,7 +218,7 @@ def run(processor: ProcessorABC | str | None = None, dataset: str | list[str] | 
         chunk_size: int | None = None, on_bad_input: Literal["fail", "skip"] | None = None,
         max_skipped_fraction: float | None = None, output: bool | Path | str = True,
         progress: Callable[[Progress], None] | None = None, name: str | None = None,
-        resume: str | Path | None = None) -> RunResult:
+        resume: str | Path | None = None, schema: str | None = None) -> RunResult:
     """Run a coffea processor over one or more catalog datasets; returns merged results.
 
     ``output=True`` keeps the run in a new folder of the configured output area (``name``, or a
@@ -213,6 +226,8 @@ def run(processor: ProcessorABC | str | None = None, dataset: str | list[str] | 
     keeps it there; ``False`` keeps nothing (and the run cannot be resumed).
     ``resume="NAME"`` (a run name or folder) continues an interrupted run: only the chunks its
     journal does not hold are processed, and the result is identical to an uninterrupted run.
+    ``schema`` (``"physlite"``, ``"nanoaod"``...) reads every dataset with that event schema;
+    else a processor's own ``schema`` attribute does, else each dataset's schema in the catalog.
     """
     config = config or load_config()
     if resume is not None:
@@ -224,7 +239,7 @@ def run(processor: ProcessorABC | str | None = None, dataset: str | list[str] | 
     else:
         request = _new_request(config, processor, dataset,
                                _settings(config, chunk_size, on_bad_input, max_skipped_fraction),
-                               output, name)
+                               output, name, schema)
     return _execute(config, request, client, progress)
 
 
@@ -246,7 +261,7 @@ def _execute(config: FacilityConfig, request: Request, client: Client | None,
     owned: list[Client] = []
 
     def dispatcher() -> Dispatcher:
-        active, mine = _client_for(config, client)
+        active, mine = client_for(config, client)
         if mine:
             owned.append(active)
         return Dispatcher(active, uuid.uuid4().hex[:10], request.settings.open_timeout,
@@ -288,12 +303,21 @@ def _check_skipped(engine: Run, settings: RunSettings) -> None:
             "every input was skipped as bad" if skipped else "the datasets' files hold no events"))
 
 
+def postprocessed(processor: ProcessorABC, accumulator: Any) -> Any:
+    """The processor's postprocess of the merged result; as in coffea, a postprocess that
+    returns nothing (it changed the accumulator in place, or has nothing to do) keeps it."""
+    if accumulator is None:
+        return {}
+    result = processor.postprocess(accumulator)
+    return accumulator if result is None else result
+
+
 def _finish(request: Request, engine: Run) -> RunResult:
     _check_skipped(engine, request.settings)
     wall = time.perf_counter() - engine.started
     processor = request.processor
     accumulator = engine.reducer.accumulator
-    result = processor.postprocess(accumulator) if accumulator is not None else {}
+    result = postprocessed(processor, accumulator)
     summary = _summary(request, engine, wall)
     summarize = getattr(processor, "summarize", None)
     if callable(summarize) and result:
@@ -335,7 +359,7 @@ def _completed(folder: RunFolder, processor: ProcessorABC | str | None) -> RunRe
     state = replay(folder.path)
     instance = _as_processor(processor) if processor is not None else _saved_processor(folder,
                                                                                        state)
-    result = instance.postprocess(state.accumulator) if state.accumulator is not None else {}
+    result = postprocessed(instance, state.accumulator)
     summary = json.loads((folder.path / SUMMARY_FILE).read_text())
     return RunResult(result, summary, folder.path)
 
