@@ -50,6 +50,24 @@ class ServeConfig(_Strict):
     )
 
 
+class ObjectStoreConfig(_Strict):
+    """A region whose replicas live in a bucket of an S3-compatible object store.
+
+    Replicas are ``s3://<bucket>/<path>``; workers read them through s3fs with the credentials
+    of the user's environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``), which the
+    facility never writes into a catalog, a log or a pod spec.
+    """
+
+    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    endpoint_url: str | None = Field(
+        default=None, pattern=r"^https?://",
+        description="the store's S3 endpoint; default: the embedded server (http://host:port)")
+    port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="the embedded facility runs an S3-compatible server on this port and "
+                    "uploads the region's files into the bucket")
+
+
 class RegionConfig(_Strict):
     """A storage region: where replicas live and how far it is from the compute."""
 
@@ -59,6 +77,25 @@ class RegionConfig(_Strict):
     serve: ServeConfig | None = Field(
         default=None, description="set to run this region's server in the embedded facility"
     )
+    object_store: ObjectStoreConfig | None = Field(
+        default=None, description="the region is a bucket of an S3-compatible store")
+
+    @model_validator(mode="after")
+    def _one_kind_of_storage(self) -> RegionConfig:
+        if self.serve and self.object_store:
+            raise ValueError(f"region {self.name!r}: either `serve` (XRootD) or `object_store` "
+                             "(S3), not both")
+        store = self.object_store
+        if store and not store.endpoint_url and not store.port:
+            raise ValueError(f"region {self.name!r}: object_store needs an endpoint_url, or a "
+                             "port for the embedded server")
+        return self
+
+    def s3_endpoint(self) -> str | None:
+        store = self.object_store
+        if store is None:
+            return None
+        return store.endpoint_url or f"http://{self.host}:{store.port}"
 
 
 MEMORY_PATTERN = r"^\d+(\.\d+)?\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)$"
@@ -394,6 +431,20 @@ class FacilityConfig(_Strict):
     def _unique_names(cls, items: list[Any]) -> list[Any]:
         """Regions and samples are looked up by name, so a name may appear only once."""
         return _only_unique([item.name for item in items], items)
+
+    @field_validator("regions")
+    @classmethod
+    def _one_object_store(cls, regions: list[RegionConfig]) -> list[RegionConfig]:
+        """Workers read s3:// through one endpoint (their AWS_ENDPOINT_URL_S3)."""
+        endpoints = {r.s3_endpoint() for r in regions if r.object_store}
+        if len(endpoints) > 1:
+            raise ValueError(f"regions use {len(endpoints)} object-store endpoints; the workers "
+                             "read s3:// through one")
+        return regions
+
+    def s3_endpoint(self) -> str | None:
+        """The object-store endpoint s3:// replicas are read from, if a region has one."""
+        return next((r.s3_endpoint() for r in self.regions if r.object_store), None)
 
     def path(self, value: Path) -> Path:
         """Resolve a configured path: absolute stays, relative hangs off ``home``."""

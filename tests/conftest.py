@@ -23,13 +23,14 @@ REAL_SAMPLES = ("nano_dy.root", "nano_tt_v12.root", "nano_tt_v15.root", "nano_dy
                 "PHYSLITE_example.root")
 
 
-def small_config(home: Path, **overrides: object) -> FacilityConfig:
+def small_config(home: Path, extra_regions: str = "", **overrides: object) -> FacilityConfig:
     """A facility configuration with free ports and small samples, rooted in ``home``."""
     text = f"""
 home: {home}
 regions:
   - {{name: east, distance: 0, serve: {{xrootd_port: {free_port()}, http_port: {free_port()}}}}}
   - {{name: west, distance: 5, serve: {{xrootd_port: {free_port()}, http_port: {free_port()}}}}}
+{extra_regions}
 cluster: {{min_workers: 2, max_workers: 2, memory_limit: 3GiB, dashboard_port: {free_port()}}}
 processing: {{chunk_size: 5000, open_timeout: 10, checkpoint_seconds: 0.5}}
 batch: {{max_running_per_user: 1, workers: 1}}

@@ -4,11 +4,13 @@ own modules. Every result is compared with a direct uproot read of the same file
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +21,73 @@ import uproot
 from coffea.processor import ProcessorABC
 
 from facility.config import FacilityConfig
-from facility.data.catalog import SCHEMA_NAMES, Catalog, catalog_json_schema, load_catalog
+from facility.data.catalog import (
+    SCHEMA_NAMES,
+    Catalog,
+    catalog_json_schema,
+    load_catalog,
+    save_catalog,
+)
+from facility.data.samples import generate_samples
+from facility.embedded import facility as embedded
+from facility.embedded.services import free_port
 from facility.processing.bench import handwritten_dimuon
 from facility.processing.runner import run
 from facility.processing.schemas import SCHEMAS
 from facility.processing.weights import lumi_weight
+from tests.conftest import small_config
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cloud_facility(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FacilityConfig]:
+    """A facility whose third region keeps its replicas in an S3 bucket (the embedded object
+    store), beside two XRootD regions: only the DY sample."""
+    home = REPO / ".facility" / "tests" / f"cloud-{tmp_path_factory.getbasetemp().name}"
+    shutil.rmtree(home, ignore_errors=True)
+    cloud = (f"  - {{name: cloud, distance: 9, object_store: {{bucket: facility-cloud, "
+             f"port: {free_port()}}}}}")
+    config = small_config(home, extra_regions=cloud)
+    generate_samples(config, ["DY"], report=lambda _: None)
+    embedded.up(config, report=lambda _: None, hub=False)
+    yield config
+    embedded.down(config, report=lambda _: None)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _only_scheme(config: FacilityConfig, source: str, scheme: str) -> str:
+    """A copy of a catalogued dataset whose files have only their ``scheme`` replicas."""
+    catalog = load_catalog(config.catalog_path)
+    dataset = catalog.get(source)
+    files = [f.model_copy(update={"replicas": [r for r in f.replicas if r.scheme == scheme]})
+             for f in dataset.files]
+    assert all(f.replicas for f in files), f"{source} has no {scheme}:// replica"
+    name = f"{source}_{scheme}"
+    save_catalog(catalog.with_dataset(dataset.model_copy(update={"name": name, "files": files})),
+                 config.catalog_path)
+    return name
+
+
+def test_the_same_dataset_over_root_http_and_s3_gives_identical_histograms(
+        cloud_facility: FacilityConfig) -> None:
+    results = {}
+    for scheme in ("root", "http", "s3"):
+        name = _only_scheme(cloud_facility, "DY", scheme)
+        result = run("dimuon", name, config=cloud_facility, output=False)
+        assert {url.split("://")[0] for url in result.summary["replicas_used"]} == {scheme}
+        results[scheme] = result.output["mass"][{"dataset": name}]
+        assert result.summary["events"] == 40_000
+    assert results["root"].values().sum() > 0
+    for scheme in ("http", "s3"):
+        assert np.array_equal(results[scheme].values(), results["root"].values())
+        assert np.array_equal(results[scheme].variances(), results["root"].variances())
+    credentials = (cloud_facility.state_path / "s3" / "credentials")
+    assert oct(credentials.stat().st_mode & 0o777) == "0o600"
+    secret = credentials.read_text().split("aws_secret_access_key = ")[1].strip()
+    logs = "".join(p.read_text(errors="replace") for p in
+                   (cloud_facility.state_path / "logs").glob("*.log"))
+    assert secret not in logs
 
 
 def facility_cli(config: FacilityConfig, *args: str) -> subprocess.CompletedProcess[str]:
@@ -180,8 +242,9 @@ def test_metadata_and_totals_reach_every_chunk_and_lumi_weights_add_up(
                     "cross_section_pb": 6077.22}
     for path, entries in ((files[0], 40), (files[1], 200)):  # every entry once, in order
         ranges = sorted((a, b) for name, a, b in result.output["ranges"] if name == path.name)
-        assert ranges[0][0] == 0 and ranges[-1][1] == entries
-        assert all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:], strict=False))
+        assert ranges[0][0] == 0
+        assert ranges[-1][1] == entries
+        assert all(b == c for (_, b), (c, _) in itertools.pairwise(ranges))
     # the dataset's weights sum to cross section x luminosity, whatever the chunking
     assert result.output["weights"] == pytest.approx(6077.22 * 1000.0, rel=1e-9)
 
@@ -225,3 +288,29 @@ def test_the_catalog_json_schema_in_the_docs_is_current() -> None:
     written = json.loads((REPO / "docs" / "catalog.schema.json").read_text())
     assert written == catalog_json_schema(), "regenerate: python -m facility.data.catalog"
     assert tuple(SCHEMAS) == SCHEMA_NAMES
+
+
+def test_a_file_in_a_served_region_is_read_through_its_servers_and_extra_replicas_are_checked(
+        facility_config: FacilityConfig, real_nanoaod: dict[str, Path]) -> None:
+    east, west = facility_config.region("east"), facility_config.region("west")
+    for region in (east, west):
+        target = facility_config.region_root(region) / "user" / "nano_dy.root"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(real_nanoaod["nano_dy.root"], target)
+    assert west.serve is not None
+    west_base = f"root://localhost:{west.serve.xrootd_port}//user"
+    local = facility_config.region_root(east) / "user" / "nano_dy.root"
+    added = facility_cli(facility_config, "data", "add", "Served", str(local),
+                         "--replica", f"west={west_base}", "--replace")
+    assert added.returncode == 0, added.stderr
+    [entry] = _catalogued(facility_config).get("Served").files
+    assert [(r.region, r.scheme) for r in entry.replicas] == [
+        ("east", "root"), ("east", "http"), ("west", "root")]
+    result = run(MuonSums(), "Served", config=facility_config, output=False)
+    assert result.output["events"] == 40
+    assert set(result.summary["replicas_used"]) == {entry.replicas[0].url}
+
+    wrong = facility_cli(facility_config, "data", "add", "Served2", str(local),
+                         "--replica", f"west={west_base}/nowhere")
+    assert wrong.returncode == 3
+    assert f"{west_base}/nowhere/nano_dy.root (replica of" in wrong.stderr

@@ -211,9 +211,14 @@ def local_clusters(config: FacilityConfig) -> list[LocalBackend]:
 # the cluster process
 
 
-def worker_environment(config: FacilityConfig) -> dict[str, int | None]:
-    """What the nannies set before starting a worker process (None leaves a variable unset)."""
-    return {"MALLOC_TRIM_THRESHOLD_": config.cluster.malloc_trim_threshold}
+def worker_environment(config: FacilityConfig) -> dict[str, int | str | None]:
+    """What the nannies set before starting a worker process (None leaves a variable unset):
+    the object store's endpoint for s3:// replicas (credentials come from the user's own
+    environment, which the workers inherit)."""
+    from facility.data.object_store import worker_credentials
+
+    return {"MALLOC_TRIM_THRESHOLD_": config.cluster.malloc_trim_threshold,
+            "AWS_ENDPOINT_URL_S3": config.s3_endpoint(), **worker_credentials(config)}
 
 
 # Imported by every worker process before it joins the scheduler: coffea, awkward and uproot take

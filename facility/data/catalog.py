@@ -195,6 +195,8 @@ def region_urls(config: FacilityConfig, region_name: str, relative: str) -> list
     server's HTTP plugin), as a remote site would be; a region without servers is a local path.
     """
     region = config.region(region_name)
+    if region.object_store:
+        return [f"s3://{region.object_store.bucket}/{relative}"]
     if not region.serve:
         return [(config.region_root(region) / relative).resolve().as_uri()]
     urls = [f"root://{region.host}:{region.serve.xrootd_port}//{relative}"]

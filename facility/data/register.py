@@ -89,12 +89,12 @@ def inspect_source(url: str, tree: str | None, schema: str, sum_branch: str | No
     """Open ``url``, find its tree, count entries, build a few events with ``schema``."""
     import uproot
 
-    from facility.processing.reader import build_events
+    from facility.processing.reader import build_events, open_options
     from facility.processing.receipts import short
     from facility.processing.schemas import SCHEMAS
 
     try:
-        with uproot.open(url, timeout=timeout) as handle:
+        with uproot.open(url, **open_options(url, timeout)) as handle:
             name = _tree_name(handle, tree)
             found = handle[name]
             entries = int(found.num_entries)

@@ -1,6 +1,7 @@
 """The embedded facility: every service of the facility as processes on one machine.
 
-``up`` starts one XRootD server per served region and the local Dask cluster; ``down`` stops
+``up`` starts one XRootD server per served region, the object store of a region that keeps its
+replicas in a bucket, and the local Dask cluster; ``down`` stops
 them; ``status`` reports them. Starting twice is harmless: running services are left alone.
 """
 
@@ -12,13 +13,15 @@ from facility.batch.local import LocalRunner
 from facility.cluster.base import backend_for
 from facility.cluster.local import LocalBackend, local_clusters
 from facility.config import FacilityConfig
+from facility.data.object_store import store_regions, store_service, upload_region
 from facility.data.servers import data_server, served_regions
 from facility.embedded.services import Service, ServiceState, Supervisor
 from facility.hub.embedded import check_prerequisites, dev_logins, hub_services, write_hub_files
 
 
 def data_services(config: FacilityConfig) -> list[Service]:
-    return [data_server(config, region) for region in served_regions(config)]
+    return ([data_server(config, region) for region in served_regions(config)]
+            + [store_service(config, region) for region in store_regions(config)])
 
 
 def _start(supervisor: Supervisor, services: list[Service], report: Callable[[str], None]) -> None:
@@ -32,6 +35,8 @@ def up(config: FacilityConfig, report: Callable[[str], None] = print, hub: bool 
     """Data servers, the facility's Dask cluster and (unless ``hub=False``) the hub's services."""
     supervisor = Supervisor(config.state_path)
     _start(supervisor, data_services(config), report)
+    for region in store_regions(config):
+        upload_region(config, region, report)
     backend = backend_for(config)
     already = backend.running()
     info = backend.start()

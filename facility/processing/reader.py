@@ -130,8 +130,17 @@ class AllReplicasFailed(Exception):
 # the open-file cache
 
 
+def open_options(url: str, timeout: int) -> dict[str, Any]:
+    """How long a read may wait, in the words of the URL's filesystem (s3fs takes botocore's)."""
+    if url.startswith("s3://"):
+        return {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
+                                  "retries": {"max_attempts": 2}}}
+    return {"timeout": timeout}
+
+
 def _open_tree(url: str, tree: str, timeout: int) -> Any:
-    handle = uproot.open(url, timeout=timeout, array_cache=None, object_cache=TREES_KEPT_PER_FILE)
+    handle = uproot.open(url, array_cache=None, object_cache=TREES_KEPT_PER_FILE,
+                         **open_options(url, timeout))
     try:
         handle[tree]
     except KeyError:
@@ -169,7 +178,7 @@ def _forget_connection(url: str, timeout: int, handle: Any = None) -> None:
         if source is not None and hasattr(source, "_fs"):
             filesystem, path = source._fs, source._file_path
         else:
-            filesystem, path = fsspec.core.url_to_fs(url, timeout=timeout)
+            filesystem, path = fsspec.core.url_to_fs(url, **open_options(url, timeout))
         filesystem.invalidate_cache(path)
 
 
