@@ -133,10 +133,11 @@ class KubernetesConfig(_Strict):
                               description="worker image; default: the notebook's JUPYTER_IMAGE_SPEC")
     scheduler_service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     forward_env: list[str] = Field(
-        default_factory=lambda: ["FACILITY_*", "X509_*", "BEARER_TOKEN*", "JUPYTERHUB_USER"],
+        default_factory=lambda: ["FACILITY_*", "X509_*", "BEARER_TOKEN*", "JUPYTERHUB_USER",
+                                 "AWS_*"],
         description="environment variables (fnmatch patterns) copied from the notebook to pods")
     secret_env: list[str] = Field(
-        default_factory=lambda: ["*TOKEN", "*SECRET", "*PASSWORD"],
+        default_factory=lambda: ["*TOKEN", "*SECRET", "*PASSWORD", "*SECRET_ACCESS_KEY"],
         description="forwarded variables (fnmatch patterns) whose values are secrets: they reach "
                     "the pods through a Secret, never as plain values in a pod spec")
     gpu_node_selector: dict[str, str] = Field(default_factory=dict)

@@ -28,7 +28,8 @@ NOTEBOOK_ENV = {"JUPYTER_IMAGE_SPEC": "registry.example/facility-notebook:2026.1
                 "FACILITY_CATALOG": "/data/catalog.yaml", "X509_USER_PROXY": "/tmp/x509up_u1000",
                 "BEARER_TOKEN_FILE": "/tmp/bt", "JUPYTERHUB_USER": "alice", "HOME": "/home/alice",
                 "JUPYTERHUB_API_TOKEN": "secret-not-forwarded", "FACILITY_ACCESS_TOKEN": "eyJ.access",
-                "FACILITY_ACCESS_TOKEN_EXPIRES": "1790000000"}
+                "FACILITY_ACCESS_TOKEN_EXPIRES": "1790000000", "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+                "AWS_SECRET_ACCESS_KEY": "s3-secret-value"}
 
 
 def crd_schema(kind: str) -> dict[str, Any]:
@@ -119,11 +120,13 @@ def test_workers_run_the_notebook_image_with_its_environment_and_tls(config: Fac
     assert container["image"] == NOTEBOOK_ENV["JUPYTER_IMAGE_SPEC"]
     plain = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     assert set(plain) == {"FACILITY_CATALOG", "X509_USER_PROXY", "BEARER_TOKEN_FILE", "JUPYTERHUB_USER",
-                          "FACILITY_ACCESS_TOKEN_EXPIRES"}
+                          "FACILITY_ACCESS_TOKEN_EXPIRES", "AWS_ACCESS_KEY_ID"}
     from_secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
-    assert from_secret == {"FACILITY_ACCESS_TOKEN": {"name": "alice-zpeak-credentials",
-                                                     "key": "FACILITY_ACCESS_TOKEN"}}
+    assert from_secret == {
+        "FACILITY_ACCESS_TOKEN": {"name": "alice-zpeak-credentials", "key": "FACILITY_ACCESS_TOKEN"},
+        "AWS_SECRET_ACCESS_KEY": {"name": "alice-zpeak-credentials", "key": "AWS_SECRET_ACCESS_KEY"}}
     assert "eyJ.access" not in yaml.safe_dump(cluster)
+    assert "s3-secret-value" not in yaml.safe_dump(cluster)
     assert container["resources"]["limits"] == {"cpu": "2", "memory": str(8 * 2**30)}
     assert "--tls-ca-file" in container["args"]
     assert "nodeSelector" not in worker

@@ -137,6 +137,9 @@ class KubernetesBackend(ClusterBackend):
         if request.gpus:
             resources["limits"]["nvidia.com/gpu"] = str(request.gpus)
         forwarded = forwarded_environment(k8s.forward_env, env)
+        endpoint = self.config.s3_endpoint()
+        if endpoint:  # where workers read s3:// replicas
+            forwarded.setdefault("AWS_ENDPOINT_URL_S3", endpoint)
         files = credential_files(forwarded)
         hidden = secret_values(k8s.secret_env, forwarded, files)
         credentials = f"{self.name}-credentials"
