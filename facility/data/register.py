@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from facility.config import FacilityConfig
 from facility.data.catalog import (
-    CatalogError,
+    Catalog,
     Dataset,
     DatasetMetadata,
     FileEntry,
@@ -274,15 +274,8 @@ def add_dataset(config: FacilityConfig, request: AddRequest, inspect: Inspect) -
     dataset = Dataset(name=request.name, tree=found[0].tree, schema_name=schema, metadata=metadata,
                       files=files)
     _check_unique_names(dataset)
-    save_catalog((catalog.with_dataset(dataset) if catalog else _new_catalog(dataset)),
-                 config.catalog_path)
+    save_catalog((catalog or Catalog()).with_dataset(dataset), config.catalog_path)
     return dataset
-
-
-def _new_catalog(dataset: Dataset) -> Any:
-    from facility.data.catalog import Catalog
-
-    return Catalog(datasets={dataset.name: dataset})
 
 
 def _replica_problems(found: list[Inspection], copies: dict[str, dict[str, str]],
@@ -374,7 +367,3 @@ def inspect_on_cluster(client: Any, timeout: int) -> Inspect:
         return list(client.gather(futures))
     return inspect
 
-
-__all__ = ["AddRequest", "CatalogError", "FileCheck", "Inspection", "RefusedFiles",
-           "add_dataset", "check_dataset", "expand_sources", "inspect_on_cluster",
-           "inspect_source", "remove_dataset"]
