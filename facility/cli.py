@@ -94,13 +94,16 @@ def cmd_data_show(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _cluster_inspector(config: FacilityConfig) -> Iterator[Any]:
-    """Files are inspected where runs read them: on the facility's cluster."""
+    """Files are inspected where runs read them: on the facility's cluster, with its token."""
+    from facility.data.access import check_workers_token, renew_reader_token
     from facility.data.register import inspect_on_cluster
     from facility.processing.dispatch import close_client
     from facility.processing.runner import client_for
 
+    renew_reader_token(config)
     client, mine = client_for(config, None)
     try:
+        check_workers_token(client, config)
         yield inspect_on_cluster(client, config.processing.open_timeout)
     finally:
         if mine:

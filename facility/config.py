@@ -43,7 +43,7 @@ class ServeConfig(_Strict):
 
     xrootd_port: int = Field(ge=1, le=65535, description="root:// port of this region's server")
     http_port: int | None = Field(
-        default=None, ge=1, le=65535, description="https-style port (XrdHttp plugin), optional"
+        default=None, ge=1, le=65535, description="https:// port (XRootD's HTTP plugin), optional"
     )
     root_dir: Path | None = Field(
         default=None, description="directory served; default <data_dir>/<region name>"
@@ -68,6 +68,23 @@ class ObjectStoreConfig(_Strict):
                     "uploads the region's files into the bucket")
 
 
+class CacheConfig(_Strict):
+    """An XCache (XRootD proxy with its file cache) in front of a region's server.
+
+    Reads of the region go through the cache first: a block read once is served from the
+    cache's disk afterwards, even while the region's server is down.
+    """
+
+    xrootd_port: int = Field(ge=1, le=65535, description="root:// port of the cache")
+    host: str = Field(default="localhost", description="host name of the cache")
+    ram: str = Field(default="1g", pattern=r"^\d+[kmg]$",
+                     description="memory for blocks in flight (XrdPfc's pfc.ram, at least 1g)")
+    block_size: str = Field(default="1m", pattern=r"^\d+[kmg]$",
+                            description="unit of caching (pfc.blocksize)")
+    cache_dir: Path | None = Field(default=None,
+                                   description="where cached files live; default <state>/xcache/<region>")
+
+
 class RegionConfig(_Strict):
     """A storage region: where replicas live and how far it is from the compute."""
 
@@ -79,9 +96,14 @@ class RegionConfig(_Strict):
     )
     object_store: ObjectStoreConfig | None = Field(
         default=None, description="the region is a bucket of an S3-compatible store")
+    cache: CacheConfig | None = Field(
+        default=None, description="read the region through an XCache (embedded: started by `up`)")
 
     @model_validator(mode="after")
     def _one_kind_of_storage(self) -> RegionConfig:
+        if self.cache and not self.serve:
+            raise ValueError(f"region {self.name!r}: a cache needs the region's own server "
+                             "(`serve`) as its origin")
         if self.serve and self.object_store:
             raise ValueError(f"region {self.name!r}: either `serve` (XRootD) or `object_store` "
                              "(S3), not both")
@@ -281,11 +303,15 @@ class VOConfig(_Strict):
     client_id: str = "facility-hub"
     client_secret_env: str = Field(default="FACILITY_HUB_CLIENT_SECRET",
                                    description="environment variable holding the client secret")
-    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email",
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email", "storage.read:/",
                                                        "offline_access", "wlcg.groups"])
     authorize_url: str | None = Field(default=None, description="null: from the issuer's discovery")
     token_url: str | None = Field(default=None, description="null: from the issuer's discovery")
     userinfo_url: str | None = Field(default=None, description="null: from the issuer's discovery")
+    claims_from: Literal["id_token", "userinfo"] = Field(
+        default="id_token",
+        description="where the user's name and groups are read: the ID token, or the userinfo "
+                    "endpoint (which refuses access tokens issued for the data servers)")
     username_claim: str = "preferred_username"
     group_claims: list[str] = Field(
         default_factory=lambda: ["wlcg.groups", "eduperson_entitlement", "groups"],
@@ -397,7 +423,8 @@ class SampleConfig(_Strict):
 def _default_regions() -> list[RegionConfig]:
     return [
         RegionConfig(name="east", distance=0, serve=ServeConfig(xrootd_port=11094, http_port=18094)),
-        RegionConfig(name="west", distance=10, serve=ServeConfig(xrootd_port=11095, http_port=18095)),
+        RegionConfig(name="west", distance=10, serve=ServeConfig(xrootd_port=11095, http_port=18095),
+                     cache=CacheConfig(xrootd_port=11096)),
     ]
 
 
@@ -410,6 +437,29 @@ def _default_samples() -> list[SampleConfig]:
         SampleConfig(name="SingleMuon", kind="collision_data", files=2, events_per_file=50_000,
                      seed=33),
     ]
+
+
+class DataAccessConfig(_Strict):
+    """Who may read the data servers: VO tokens in the WLCG profile, over TLS only.
+
+    The embedded servers export read-only and accept a read only with a token issued by the
+    VO's provider (``hub.vo.issuer``, else the embedded one) or one of ``issuers``, meant for
+    ``audience`` and granting ``scope``. The facility's own client gets such tokens from the
+    embedded provider for reads from a terminal.
+    """
+
+    require_token: bool = Field(default=True,
+                                description="the embedded servers refuse reads without a token")
+    issuers: list[str] = Field(default_factory=list,
+                               description="further token issuers the servers trust")
+    audience: str = Field(default="https://wlcg.cern.ch/jwt/v1/any",
+                          description="the audience data tokens are for")
+    scope: str = Field(default="storage.read:/", description="the scope a read needs")
+    local_client_id: str = Field(
+        default="facility-local",
+        description="the embedded provider's client for tokens of terminal sessions")
+    local_token_seconds: int = Field(default=43200, ge=600,
+                                     description="lifetime of those tokens")
 
 
 class FacilityConfig(_Strict):
@@ -426,6 +476,7 @@ class FacilityConfig(_Strict):
     hub: HubConfig = Field(default_factory=HubConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     samples: list[SampleConfig] = Field(default_factory=_default_samples)
+    data_access: DataAccessConfig = Field(default_factory=DataAccessConfig)
 
     @field_validator("regions", "samples")
     @classmethod

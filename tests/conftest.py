@@ -29,7 +29,8 @@ def small_config(home: Path, extra_regions: str = "", **overrides: object) -> Fa
 home: {home}
 regions:
   - {{name: east, distance: 0, serve: {{xrootd_port: {free_port()}, http_port: {free_port()}}}}}
-  - {{name: west, distance: 5, serve: {{xrootd_port: {free_port()}, http_port: {free_port()}}}}}
+  - {{name: west, distance: 5, serve: {{xrootd_port: {free_port()}, http_port: {free_port()}}},
+     cache: {{xrootd_port: {free_port()}}}}}
 {extra_regions}
 cluster: {{min_workers: 2, max_workers: 2, memory_limit: 3GiB, dashboard_port: {free_port()}}}
 processing: {{chunk_size: 5000, open_timeout: 10, checkpoint_seconds: 0.5}}

@@ -12,10 +12,10 @@ import os
 import re
 import stat
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import jwt
 import psutil
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
@@ -106,11 +106,12 @@ def test_vo_member_runs_the_quickstart_notebook(hub: str, browser: Browser) -> N
     assert "You do not have permission to access Server at /user/alice/" in bob.locator("body").inner_text()
 
 
-def _userinfo(config: FacilityConfig, token: str) -> dict:
+def _storage_claims(config: FacilityConfig, token: str) -> dict:
+    """The access token is a WLCG token for the data servers, signed by the provider."""
     issuer = f"http://{config.hub.host}:{config.hub.provider_port}"
-    request = urllib.request.Request(f"{issuer}/me", headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return dict(json.load(response))
+    keys = jwt.PyJWKClient(f"{issuer}/jwks").get_signing_key_from_jwt(token)
+    return dict(jwt.decode(token, keys.key, algorithms=["RS256"],
+                           audience=config.data_access.audience, issuer=issuer))
 
 
 def test_the_access_token_is_renewed_for_the_server_and_its_workers(
@@ -118,13 +119,14 @@ def test_the_access_token_is_renewed_for_the_server_and_its_workers(
     """Runs after the notebook test: alice's server and her cluster are up."""
     token_file = facility_config.state_path / "hub" / "users" / "alice" / ".facility" / "token"
     first = token_file.read_text()
-    assert _userinfo(facility_config, first)["sub"] == "alice"
+    claims = _storage_claims(facility_config, first)
+    assert (claims["sub"], claims["scope"], claims["wlcg.ver"]) == ("alice", "storage.read:/", "1.0")
     deadline = time.monotonic() + 90
     while token_file.read_text() == first and time.monotonic() < deadline:
         time.sleep(1)
     renewed = token_file.read_text()
     assert renewed != first, "the token file was not renewed"
-    assert _userinfo(facility_config, renewed)["wlcg.groups"] == ["/cms", "/cms/gpu"]
+    assert _storage_claims(facility_config, renewed)["wlcg.groups"] == ["/cms", "/cms/gpu"]
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
 
     monkeypatch.setenv("JUPYTERHUB_USER", "alice")

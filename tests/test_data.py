@@ -69,17 +69,17 @@ def _only_scheme(config: FacilityConfig, source: str, scheme: str) -> str:
     return name
 
 
-def test_the_same_dataset_over_root_http_and_s3_gives_identical_histograms(
+def test_the_same_dataset_over_root_https_and_s3_gives_identical_histograms(
         cloud_facility: FacilityConfig) -> None:
     results = {}
-    for scheme in ("root", "http", "s3"):
+    for scheme in ("root", "https", "s3"):
         name = _only_scheme(cloud_facility, "DY", scheme)
         result = run("dimuon", name, config=cloud_facility, output=False)
         assert {url.split("://")[0] for url in result.summary["replicas_used"]} == {scheme}
         results[scheme] = result.output["mass"][{"dataset": name}]
         assert result.summary["events"] == 40_000
     assert results["root"].values().sum() > 0
-    for scheme in ("http", "s3"):
+    for scheme in ("https", "s3"):
         assert np.array_equal(results[scheme].values(), results["root"].values())
         assert np.array_equal(results[scheme].variances(), results["root"].variances())
     credentials = (cloud_facility.state_path / "s3" / "credentials")
@@ -305,7 +305,7 @@ def test_a_file_in_a_served_region_is_read_through_its_servers_and_extra_replica
     assert added.returncode == 0, added.stderr
     [entry] = _catalogued(facility_config).get("Served").files
     assert [(r.region, r.scheme) for r in entry.replicas] == [
-        ("east", "root"), ("east", "http"), ("west", "root")]
+        ("east", "root"), ("east", "https"), ("west", "root")]
     result = run(MuonSums(), "Served", config=facility_config, output=False)
     assert result.output["events"] == 40
     assert set(result.summary["replicas_used"]) == {entry.replicas[0].url}

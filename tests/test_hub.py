@@ -91,6 +91,8 @@ def test_configure_fills_the_hub_from_the_facility_configuration(
     c = hub_config(explicit_endpoints)
     auth = c.VOAuthenticator
     assert auth.token_url == "https://vo.example/token"
+    assert auth.userdata_from_id_token is True  # userinfo refuses tokens for the data servers
+    assert "userdata_url" not in auth
     assert auth.client_secret == "s3cret"
     assert auth.allowed_groups == {"cms"}
     assert auth.enable_auth_state is True

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -214,11 +215,13 @@ def local_clusters(config: FacilityConfig) -> list[LocalBackend]:
 def worker_environment(config: FacilityConfig) -> dict[str, int | str | None]:
     """What the nannies set before starting a worker process (None leaves a variable unset):
     the object store's endpoint for s3:// replicas (credentials come from the user's own
-    environment, which the workers inherit)."""
+    environment, which the workers inherit), the data servers' CA and the token file."""
+    from facility.data.access import reader_environment
     from facility.data.object_store import worker_credentials
 
     return {"MALLOC_TRIM_THRESHOLD_": config.cluster.malloc_trim_threshold,
-            "AWS_ENDPOINT_URL_S3": config.s3_endpoint(), **worker_credentials(config)}
+            "AWS_ENDPOINT_URL_S3": config.s3_endpoint(), **worker_credentials(config),
+            **{k: v for k, v in reader_environment(config).items() if k not in os.environ}}
 
 
 # Imported by every worker process before it joins the scheduler: coffea, awkward and uproot take

@@ -191,8 +191,9 @@ def save_catalog(catalog: Catalog, path: Path) -> None:
 def region_urls(config: FacilityConfig, region_name: str, relative: str) -> list[str]:
     """Every URL under which a region serves a relative path, preferred first.
 
-    A served region is reached only through its servers (root://, and http:// through the
-    server's HTTP plugin), as a remote site would be; a region without servers is a local path.
+    A served region is reached only through its servers (its XCache when it has one, then
+    root://, then https:// through the server's HTTP plugin), as a remote site would be; a
+    region without servers is a local path.
     """
     region = config.region(region_name)
     if region.object_store:
@@ -200,8 +201,10 @@ def region_urls(config: FacilityConfig, region_name: str, relative: str) -> list
     if not region.serve:
         return [(config.region_root(region) / relative).resolve().as_uri()]
     urls = [f"root://{region.host}:{region.serve.xrootd_port}//{relative}"]
+    if region.cache:
+        urls.insert(0, f"root://{region.cache.host}:{region.cache.xrootd_port}//{relative}")
     if region.serve.http_port:
-        urls.append(f"http://{region.host}:{region.serve.http_port}/{relative}")
+        urls.append(f"https://{region.host}:{region.serve.http_port}/{relative}")
     return urls
 
 

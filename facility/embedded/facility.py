@@ -1,8 +1,9 @@
 """The embedded facility: every service of the facility as processes on one machine.
 
-``up`` starts one XRootD server per served region, the object store of a region that keeps its
-replicas in a bucket, and the local Dask cluster; ``down`` stops
-them; ``status`` reports them. Starting twice is harmless: running services are left alone.
+``up`` starts the VO's identity provider (the data servers accept only its tokens), one XRootD
+server per served region and the XCache of a region that has one, the object store of a region
+that keeps its replicas in a bucket, and the local Dask cluster; ``down`` stops them;
+``status`` reports them. Starting twice is harmless: running services are left alone.
 """
 
 from __future__ import annotations
@@ -14,13 +15,27 @@ from facility.cluster.base import backend_for
 from facility.cluster.local import LocalBackend, local_clusters
 from facility.config import FacilityConfig
 from facility.data.object_store import store_regions, store_service, upload_region
-from facility.data.servers import data_server, served_regions
+from facility.data.servers import (
+    cache_server,
+    cached_regions,
+    data_server,
+    prepare_data_access,
+    served_regions,
+)
 from facility.embedded.services import Service, ServiceState, Supervisor
-from facility.hub.embedded import check_prerequisites, dev_logins, hub_services, write_hub_files
+from facility.hub.embedded import (
+    check_prerequisites,
+    dev_logins,
+    hub_services,
+    identity_services,
+    write_hub_files,
+)
 
 
 def data_services(config: FacilityConfig) -> list[Service]:
+    """The servers of the data, in start order (caches after their origins)."""
     return ([data_server(config, region) for region in served_regions(config)]
+            + [cache_server(config, region) for region in cached_regions(config)]
             + [store_service(config, region) for region in store_regions(config)])
 
 
@@ -34,6 +49,9 @@ def _start(supervisor: Supervisor, services: list[Service], report: Callable[[st
 def up(config: FacilityConfig, report: Callable[[str], None] = print, hub: bool = True) -> None:
     """Data servers, the facility's Dask cluster and (unless ``hub=False``) the hub's services."""
     supervisor = Supervisor(config.state_path)
+    check_prerequisites()
+    _start(supervisor, identity_services(config), report)
+    prepare_data_access(config)
     _start(supervisor, data_services(config), report)
     for region in store_regions(config):
         upload_region(config, region, report)
@@ -43,7 +61,6 @@ def up(config: FacilityConfig, report: Callable[[str], None] = print, hub: bool 
     report(f"{'already running' if already else 'started'}: Dask cluster at "
            f"{info.scheduler_address}, dashboard {info.dashboard_link()}")
     if hub:
-        check_prerequisites()
         write_hub_files(config)
         _start(supervisor, hub_services(config), report)
         report(f"JupyterHub: http://{config.hub.host}:{config.hub.port}  dev logins: "
@@ -60,14 +77,15 @@ def down(config: FacilityConfig, report: Callable[[str], None] = print) -> None:
     for cluster in local_clusters(config):
         if cluster.stop():
             report(f"stopped: Dask cluster {cluster.name}")
-    for service in data_services(config):
+    for service in [*reversed(data_services(config)), *identity_services(config)]:
         if supervisor.stop(service.name):
             report(f"stopped: {service.name}")
 
 
 def status(config: FacilityConfig) -> list[ServiceState]:
     supervisor = Supervisor(config.state_path)
-    states = [supervisor.state(service) for service in [*data_services(config), *hub_services(config)]]
+    services = [*identity_services(config), *data_services(config), *hub_services(config)]
+    states = [supervisor.state(service) for service in services]
     clusters = {c.name: c for c in local_clusters(config)}
     default = backend_for(config)
     if isinstance(default, LocalBackend):

@@ -52,13 +52,15 @@ def discover(issuer: str, timeout: float = 10.0) -> dict[str, Any]:
 
 
 def endpoints(vo: VOConfig, issuer: str) -> dict[str, str]:
-    explicit = {"authorize_url": vo.authorize_url, "token_url": vo.token_url,
-                "userdata_url": vo.userinfo_url}
+    """The provider's endpoints the hub calls (userinfo only when claims are read there)."""
+    explicit = {"authorize_url": vo.authorize_url, "token_url": vo.token_url}
+    keys = {"authorize_url": "authorization_endpoint", "token_url": "token_endpoint"}
+    if vo.claims_from == "userinfo":
+        explicit["userdata_url"] = vo.userinfo_url
+        keys["userdata_url"] = "userinfo_endpoint"
     if all(explicit.values()):
         return {k: str(v) for k, v in explicit.items()}
     found = discover(issuer)
-    keys = {"authorize_url": "authorization_endpoint", "token_url": "token_endpoint",
-            "userdata_url": "userinfo_endpoint"}
     return {k: explicit[k] or found[keys[k]] for k in keys}
 
 
@@ -129,6 +131,7 @@ def _authenticator(c: Any, config: FacilityConfig, env: Any) -> None:
     auth = c.VOAuthenticator
     for key, value in endpoints(vo, issuer_url(config)).items():
         setattr(auth, key, value)
+    auth.userdata_from_id_token = vo.claims_from == "id_token"
     auth.login_service = vo.name
     auth.client_id = vo.client_id
     secret = env.get(vo.client_secret_env)

@@ -34,17 +34,23 @@ def hub_state(config: FacilityConfig) -> Path:
     return config.state_path / "hub"
 
 
+SECRET_NAMES = ("client_secret", "proxy_token", "crypt_key", "cookie_key", "data_client_secret")
+
+
 def hub_secrets(config: FacilityConfig) -> dict[str, str]:
-    """Generated on first use and kept (mode 0600) so restarts keep sessions and auth state."""
+    """Generated on first use and kept (mode 0600) so restarts keep sessions and auth state;
+    a secret added by a newer version is generated beside the kept ones."""
     path = hub_state(config) / "secrets.json"
-    if path.exists():
-        return dict(json.loads(path.read_text()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    values = {name: secrets.token_hex(32) for name in
-              ("client_secret", "proxy_token", "crypt_key", "cookie_key")}
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump(values, handle)
+    values = dict(json.loads(path.read_text())) if path.exists() else {}
+    missing = [name for name in SECRET_NAMES if name not in values]
+    if missing:
+        values.update({name: secrets.token_hex(32) for name in missing})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(values, handle)
+        tmp.replace(path)
     return values
 
 
@@ -70,9 +76,17 @@ def _discovery_ready(issuer: str) -> bool:
         return False
 
 
+def _local_groups(config: FacilityConfig) -> list[str]:
+    """The VO groups of terminal sessions' tokens: those that may log in to the hub."""
+    vo = config.hub.vo
+    return vo.allowed_groups or sorted({g for u in config.hub.dev_users for g in u.groups})
+
+
 def write_provider_settings(config: FacilityConfig) -> Path:
-    """The provider's clients and users, from the configuration (secrets included: 0600)."""
-    hub = config.hub
+    """The provider's clients and users, from the configuration (secrets included: 0600).
+
+    Besides the hub, the facility's own client may get data tokens for terminal sessions."""
+    hub, access = config.hub, config.data_access
     state = hub_state(config)
     settings = {
         "issuer": issuer_url(config), "host": hub.host, "port": hub.provider_port,
@@ -84,8 +98,17 @@ def write_provider_settings(config: FacilityConfig) -> Path:
             "redirect_uris": [f"{public_url(config)}/hub/oauth_callback"],
             "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
             "token_endpoint_auth_method": "client_secret_basic",
+        }, {
+            "client_id": access.local_client_id,
+            "client_secret": hub_secrets(config)["data_client_secret"],
+            "grant_types": ["client_credentials"], "response_types": [], "redirect_uris": [],
+            "token_endpoint_auth_method": "client_secret_basic",
         }],
         "users": [user.model_dump() for user in hub.dev_users],
+        "storage": {"audience": access.audience, "scope": access.scope,
+                    "local_client_id": access.local_client_id,
+                    "local_token_seconds": access.local_token_seconds,
+                    "local_groups": [f"/{group}" for group in _local_groups(config)]},
     }
     path = state / "provider.json"
     state.mkdir(parents=True, exist_ok=True)
@@ -98,7 +121,7 @@ def write_provider_settings(config: FacilityConfig) -> Path:
 def provider_service(config: FacilityConfig) -> Service:
     hub = config.hub
     issuer = issuer_url(config)
-    path = hub_state(config) / "provider.json"
+    path = write_provider_settings(config)
     return Service(name="identity-provider", argv=[_node(), str(PROVIDER_DIR / "server.mjs"), str(path)],
                    ports=[hub.provider_port], ready=lambda: _discovery_ready(issuer),
                    description=f"VO identity provider {issuer}")
@@ -132,8 +155,6 @@ def write_hub_files(config: FacilityConfig) -> None:
     config_file = state / "facility.yaml"
     config_file.write_text(config.model_dump_json(indent=1))  # JSON is YAML
     (state / "jupyterhub_config.py").write_text(HUB_CONFIG_FILE.format(config_file=str(config_file)))
-    if not config.hub.vo.issuer:
-        write_provider_settings(config)
 
 
 def hub_service(config: FacilityConfig) -> Service:
@@ -151,10 +172,15 @@ def hub_service(config: FacilityConfig) -> Service:
         start_timeout=120, description=f"JupyterHub http://{hub.host}:{hub.port}")
 
 
+def identity_services(config: FacilityConfig) -> list[Service]:
+    """The embedded provider, unless an external issuer is configured. It is started with the
+    data servers, which accept only the tokens it issues, hub or no hub."""
+    return [] if config.hub.vo.issuer else [provider_service(config)]
+
+
 def hub_services(config: FacilityConfig) -> list[Service]:
-    """In start order; the embedded provider only when no external issuer is configured."""
-    services = [] if config.hub.vo.issuer else [provider_service(config)]
-    return [*services, proxy_service(config), hub_service(config)]
+    """In start order (after :func:`identity_services`)."""
+    return [proxy_service(config), hub_service(config)]
 
 
 def dev_logins(config: FacilityConfig) -> list[str]:

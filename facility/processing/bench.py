@@ -13,6 +13,10 @@ Ways to get the dimuon histogram from the same generated files with N processes:
 
 Each is measured from a local file path and over ``root://`` from the embedded XRootD server.
 Absolute rates on a shared machine are noise; the ratios are the result.
+
+Where a region has an XCache, the raw read of the same branches goes through it twice: cold
+(the cache emptied, every block fetched from the region's server) and warm (every block from
+the cache's disk), beside the same read straight from the region's server.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -31,10 +37,13 @@ from rich.console import Console
 from rich.table import Table
 
 from facility.cluster.base import backend_for
-from facility.config import FacilityConfig, SampleConfig
+from facility.config import FacilityConfig, RegionConfig, SampleConfig
+from facility.data.access import reader_environment, renew_reader_token
 from facility.data.catalog import Dataset, FileEntry, Replica, load_catalog, save_catalog
 from facility.data.samples import generate_samples
+from facility.data.servers import cache_dir, cached_regions
 from facility.embedded.facility import up
+from facility.embedded.services import Supervisor
 from facility.processing.processors.dimuon import DimuonProcessor
 from facility.processing.runner import run
 
@@ -100,6 +109,20 @@ def _pool_rate(urls: list[str], workers: int, work: Any, *args: list[Any]) -> fl
         started = time.perf_counter()
         events = sum(pool.map(work, urls, *args))
         return events / (time.perf_counter() - started)
+
+
+def _first_and_second_pass(urls: list[str], workers: int, columns: list[str]
+                           ) -> tuple[float, float]:
+    """Events per second of the raw read, first pass (nothing read before, headers aside) and
+    second pass, in the same processes."""
+    with ProcessPoolExecutor(max_workers=workers, initializer=_open_trees,
+                             initargs=(urls,)) as pool:
+        rates = []
+        for _ in range(2):
+            started = time.perf_counter()
+            events = sum(pool.map(_read_branches, urls, [columns] * len(urls)))
+            rates.append(events / (time.perf_counter() - started))
+        return rates[0], rates[1]
 
 
 def ceiling(urls: list[str], columns: list[str], workers: int) -> float:
@@ -174,6 +197,39 @@ def measure(label: str, urls: list[str], dataset: str, config: FacilityConfig, c
     return row, columns
 
 
+@dataclass
+class CacheRow:
+    """The raw read through a region's XCache, cold then warm, and from its server directly."""
+
+    region: str
+    cold: float
+    warm: float
+    direct: float
+    cached_bytes: int
+
+
+def _urls_on(dataset: Dataset, host: str, port: int) -> list[str]:
+    return [r.url for f in dataset.files for r in f.replicas
+            if r.url.startswith(f"root://{host}:{port}/")]
+
+
+def measure_cache(config: FacilityConfig, region: RegionConfig, dataset: Dataset,
+                  columns: list[str], workers: int, console: Console) -> CacheRow:
+    """Empty the cache (stop it, clear its folder, start it again), then read twice."""
+    assert region.cache is not None
+    assert region.serve is not None
+    supervisor = Supervisor(config.state_path)
+    supervisor.stop(f"xrootd-{region.name}-cache")
+    folder = cache_dir(config, region)
+    shutil.rmtree(folder, ignore_errors=True)
+    up(config, report=console.print, hub=False)
+    through_cache = _urls_on(dataset, region.cache.host, region.cache.xrootd_port)
+    cold, warm = _first_and_second_pass(through_cache, workers, columns)
+    cached = sum(p.stat().st_size for p in folder.rglob("*.root") if p.is_file())
+    direct = _urls_on(dataset, region.host, region.serve.xrootd_port)
+    return CacheRow(region.name, cold, warm, ceiling(direct, columns, workers), cached)
+
+
 def _file_dataset(config: FacilityConfig, source: Dataset) -> Dataset:
     """The same files read straight from the region's disk."""
     root = config.region_root(config.regions[0])
@@ -188,17 +244,19 @@ def bench_command(config: FacilityConfig, args: argparse.Namespace, console: Con
     """Set up, measure with everything but the result on stderr (coffea draws progress bars on
     stdout whatever it is told), then print the table or the JSON on stdout."""
     with contextlib.redirect_stdout(sys.stderr):
-        rows, context = _measure_all(config, args, Console(stderr=True))
+        rows, caches, context = _measure_all(config, args, Console(stderr=True))
     if args.json:
-        print(json.dumps({**context, "rows": [{**asdict(r), "ratios": r.ratios()} for r in rows]},
+        print(json.dumps({**context, "rows": [{**asdict(r), "ratios": r.ratios()} for r in rows],
+                          "caches": [{**asdict(c), "warm/cold": c.warm / c.cold} for c in caches]},
                          indent=2))
     else:
         _print_table(console, rows, context)
+        _print_caches(console, caches, context)
     return 0
 
 
 def _measure_all(config: FacilityConfig, args: argparse.Namespace, console: Console
-                 ) -> tuple[list[Row], dict[str, Any]]:
+                 ) -> tuple[list[Row], list[CacheRow], dict[str, Any]]:
     workers = args.workers or config.cluster.max_workers
     per_file = max(1, args.events // args.files)
     sample = SampleConfig(name=BENCH_DATASET, kind="drell_yan", files=args.files,
@@ -208,6 +266,8 @@ def _measure_all(config: FacilityConfig, args: argparse.Namespace, console: Cons
                                                        "threads_per_worker": 1})
     generate_samples(config, [BENCH_DATASET], report=console.print)
     up(config, report=console.print, hub=False)
+    renew_reader_token(config)
+    os.environ.update(reader_environment(config))  # the reading processes started here
     catalog = load_catalog(config.catalog_path)
     remote = catalog.get(BENCH_DATASET)
     local = _file_dataset(config, remote)
@@ -228,9 +288,11 @@ def _measure_all(config: FacilityConfig, args: argparse.Namespace, console: Cons
     finally:
         client.close()
         backend.stop()
+    caches = [measure_cache(config, region, remote, columns, workers, console)
+              for region in cached_regions(config)]
     context = {"events": args.files * per_file, "workers": workers, "repeat": max(1, args.repeat),
                "chunk_size": config.processing.chunk_size, "branches": columns}
-    return rows, context
+    return rows, caches, context
 
 
 def _print_table(console: Console, rows: list[Row], context: dict[str, Any]) -> None:
@@ -249,4 +311,19 @@ def _print_table(console: Console, rows: list[Row], context: dict[str, Any]) -> 
             f"{ratios['facility/hand-written']:.0%}", f"{ratios['facility/coffea tuned']:.2f}",
             f"{ratios['facility/coffea']:.2f}", f"{ratios['facility/ceiling']:.0%}",
             f"{ratios['small/large chunks']:.0%}")
+    Console(width=max(console.width, 160)).print(table)
+
+
+def _print_caches(console: Console, caches: list[CacheRow], context: dict[str, Any]) -> None:
+    if not caches:
+        return
+    table = Table("region", "through the cache, cold", "through the cache, warm", "warm/cold",
+                  "server directly", "warm/direct", "cached",
+                  title=f"raw read of the analysis' branches over {context['events']:,} events "
+                        f"through each region's XCache, {context['workers']} processes, events "
+                        "per second")
+    for row in caches:
+        table.add_row(row.region, f"{row.cold:,.0f}", f"{row.warm:,.0f}",
+                      f"{row.warm / row.cold:.2f}", f"{row.direct:,.0f}",
+                      f"{row.warm / row.direct:.2f}", f"{row.cached_bytes / 1e6:,.0f} MB")
     Console(width=max(console.width, 160)).print(table)

@@ -26,6 +26,7 @@ from typing import Any
 
 from coffea.processor import ProcessorABC
 
+from facility.data.tokens import TokenError
 from facility.errors import (
     DataError,
     FacilityError,
@@ -69,6 +70,10 @@ class ProcessorError(RunError, UserCodeError):
 
 class RunInterrupted(RunError, InfrastructureError):
     """The scheduler, the cluster or every data server of an input was lost; resume later."""
+
+
+class AccessRefused(RunError, TokenError):
+    """The data servers refused the user's token; the message names the token and why."""
 
 
 @dataclass
@@ -452,6 +457,8 @@ class Run:
             return ProcessorError(policy.user_code_message(failure), failure.where)
         if kind is DataError:
             return BadInputError(policy.bad_input_message(what, failure, skip_hint=True))
+        if kind is TokenError:
+            return AccessRefused(policy.refused_message(what, failure))
         if failure.kind == "scheduler-lost":
             return RunInterrupted(policy.scheduler_lost_message(
                 self.ledger.count("done"), len(self.ledger.entries), self.resume_hint))

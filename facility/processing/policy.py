@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from facility.data.tokens import TokenError, describe, find_token
 from facility.errors import DataError, FacilityError, InfrastructureError, UserCodeError
 from facility.processing.plan import endpoint
 from facility.processing.receipts import Failure, ReplicaFailure
@@ -53,6 +54,8 @@ def decide(failure: Failure, *, attempts: int, retries: int, skip_bad_input: boo
         return Decision("fail", UserCodeError)
     if failure.kind == "scheduler-lost":
         return Decision("fail", InfrastructureError)
+    if failure.refused:  # another try with the same token is refused the same way
+        return Decision("fail", TokenError)
     if failure.every_replica_damaged:
         if damaged_on_workers < 2 and attempts <= retries:
             return RETRY  # confirm from another worker: a broken worker must not condemn a file
@@ -133,7 +136,7 @@ class Health:
         for failure in failures:
             if failure.problem == "unavailable":
                 self.unhealthy.add(endpoint(failure.url))
-            else:
+            elif failure.problem == "damaged":
                 self.damaged.add(failure.url)
             seen = self.replica_failures.setdefault(
                 failure.url, {"problem": failure.problem, "reason": failure.reason, "times": 0})
@@ -184,6 +187,16 @@ def bad_input_message(what: str, failure: Failure, skip_hint: bool) -> str:
     if skip_hint:
         lines.append("Fix or remove the file in the catalog, or finish without it with "
                      "--skip-bad-input (Python: on_bad_input='skip').")
+    return "\n".join(lines)
+
+
+def refused_message(what: str, failure: Failure) -> str:
+    """Which token was presented (as this process finds it; the workers read the same file)
+    and each server's answer."""
+    lines = [f"cannot read {what}: the data servers refused {describe(find_token())}"]
+    lines += [f"  - {r.describe()}" for r in failure.replicas]
+    lines.append("Get a current token of your VO (in a notebook the hub renews it; elsewhere "
+                 "point BEARER_TOKEN_FILE at one), then run again.")
     return "\n".join(lines)
 
 

@@ -41,6 +41,9 @@ from coffea.nanoevents import NanoEventsFactory
 from coffea.nanoevents import factory as nanoevents_factory
 from coffea.nanoevents.mapping import UprootSourceMapping
 
+from facility.data.tls import https_context
+from facility.data.tokens import describe as describe_token
+from facility.data.tokens import find_token
 from facility.processing.plan import Chunk, FileInfo, FileTask, endpoint
 from facility.processing.receipts import (
     ChunkDone,
@@ -131,10 +134,15 @@ class AllReplicasFailed(Exception):
 
 
 def open_options(url: str, timeout: int) -> dict[str, Any]:
-    """How long a read may wait, in the words of the URL's filesystem (s3fs takes botocore's)."""
+    """How long a read may wait, in the words of the URL's filesystem (s3fs takes botocore's),
+    and over https the user's token (root:// presents it by itself, from the same file)."""
     if url.startswith("s3://"):
         return {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
                                   "retries": {"max_attempts": 2}}}
+    if url.startswith(("https://", "davs://")):
+        token = find_token()
+        headers = {"Authorization": f"Bearer {token.value}"} if token else {}
+        return {"timeout": timeout, "headers": headers, "ssl": https_context()}
     return {"timeout": timeout}
 
 
@@ -219,7 +227,7 @@ def _each_replica(task: FileTask, timeout: int, avoid: frozenset[str],
                 handle = cached_open(url, task.tree, timeout)
             except Exception as exc:  # noqa: BLE001 (every open error is this replica's problem)
                 _forget_connection(url, timeout)
-                failures.append(ReplicaFailure(url, replica_problem(exc), short(exc)))
+                failures.append(_replica_failure(url, replica_problem(exc), short(exc)))
                 break
             try:
                 return attempt(url, handle), url, failures
@@ -228,9 +236,16 @@ def _each_replica(task: FileTask, timeout: int, avoid: frozenset[str],
                 if stale and broken.problem == "unavailable":
                     stale = False
                     continue
-                failures.append(ReplicaFailure(url, broken.problem, broken.reason))
+                failures.append(_replica_failure(url, broken.problem, broken.reason))
                 break
     raise AllReplicasFailed(tuple(failures))
+
+
+def _replica_failure(url: str, problem: ReplicaProblem, reason: str) -> ReplicaFailure:
+    """A refusal names the token this worker presented (never its value)."""
+    if problem == "refused":
+        reason = f"{reason} (presented: {describe_token(find_token())})"
+    return ReplicaFailure(url, problem, reason)
 
 
 def _input_failure(task: FileTask, failures: tuple[ReplicaFailure, ...], what: str) -> Failure:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-ReplicaProblem = Literal["unavailable", "damaged"]
+ReplicaProblem = Literal["unavailable", "damaged", "refused"]
 FailureKind = Literal["input", "user", "killed-worker", "scheduler-lost"]
 
 
@@ -27,7 +27,8 @@ class ReplicaFailure:
     reason: str
 
     def describe(self) -> str:
-        what = "server unavailable" if self.problem == "unavailable" else "damaged"
+        what = {"unavailable": "server unavailable", "refused": "access refused"}.get(
+            self.problem, "damaged")
         return f"{self.url} ({what}): {self.reason}"
 
 
@@ -46,6 +47,12 @@ class Failure:
     def every_replica_damaged(self) -> bool:
         """Bad data: each replica tried was read and found damaged (none was merely down)."""
         return bool(self.replicas) and all(r.problem == "damaged" for r in self.replicas)
+
+    @property
+    def refused(self) -> bool:
+        """A server refused the user's credentials, and no replica was found damaged."""
+        problems = {r.problem for r in self.replicas}
+        return "refused" in problems and "damaged" not in problems
 
     @property
     def unavailable_endpoints(self) -> set[str]:
@@ -103,8 +110,13 @@ UNAVAILABLE_SIGNS = (
     "connection refused", "connection reset", "connection error", "connection timed out",
     "socket error", "operation expired", "no route to host", "network is unreachable",
     "cannot connect to host", "server disconnected", "broken pipe", "timed out",
-    "name or service not known", "temporary failure in name resolution", "auth failed",
+    "name or service not known", "temporary failure in name resolution",
     "stream error", "invalid address", "unable to connect",
+)
+# ...and one of these, from a server that would not let this user read (no token, or a token
+# it does not accept): neither the server nor the bytes are at fault.
+REFUSED_SIGNS = (
+    "auth failed", "permission denied", "forbidden", "unauthorized", "not authorized",
 )
 
 
@@ -114,14 +126,17 @@ SESSION_GONE = "i/o operation on closed file"
 
 
 def replica_problem(exc: BaseException) -> ReplicaProblem:
-    """Whether a read error means the server is unavailable or the replica is damaged."""
+    """Whether a read error means the server is unavailable, refused the user, or the replica
+    is damaged."""
+    text = str(exc).lower()
+    if isinstance(exc, PermissionError) or any(sign in text for sign in REFUSED_SIGNS):
+        return "refused"
     if isinstance(exc, TimeoutError | ConnectionError):
         return "unavailable"
     if isinstance(exc, ValueError) and SESSION_GONE in str(exc).lower():
         return "unavailable"
     if isinstance(exc, FileNotFoundError):
         return "damaged"  # the server answered: this replica does not exist
-    text = str(exc).lower()
     if isinstance(exc, OSError) and any(sign in text for sign in UNAVAILABLE_SIGNS):
         return "unavailable"
     cause = exc.__cause__ or exc.__context__

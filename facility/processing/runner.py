@@ -34,6 +34,7 @@ from distributed import Client
 from facility.cluster.base import backend_for
 from facility.cluster.connect import connect, job_cluster
 from facility.config import FacilityConfig, load_config
+from facility.data.access import check_workers_token, renew_reader_token
 from facility.data.catalog import checked_schema_name, load_catalog
 from facility.errors import UsageError
 from facility.processing.dispatch import Dispatcher, close_client, processor_payload
@@ -255,8 +256,17 @@ def _journal_for(request: Request) -> Journal | None:
         raise UsageError(f"cannot write the run's folder {folder.path}: {exc}") from exc
 
 
+TOKEN_SCHEMES = ("root", "roots", "https", "davs")
+
+
+def _needs_token(request: Request) -> bool:
+    return any(url.split("://", 1)[0] in TOKEN_SCHEMES
+               for task in request.tasks for url in task.urls)
+
+
 def _execute(config: FacilityConfig, request: Request, client: Client | None,
              progress: Callable[[Progress], None] | None) -> RunResult:
+    renew_reader_token(config)
     journal = _journal_for(request)
     owned: list[Client] = []
 
@@ -264,6 +274,8 @@ def _execute(config: FacilityConfig, request: Request, client: Client | None,
         active, mine = client_for(config, client)
         if mine:
             owned.append(active)
+        if _needs_token(request):  # a token the servers refuse stops the run before it starts
+            check_workers_token(active, config)
         return Dispatcher(active, uuid.uuid4().hex[:10], request.settings.open_timeout,
                           request.settings.open_files)
 

@@ -5,12 +5,15 @@
 //   node server.mjs SETTINGS.json
 //
 // SETTINGS.json (written by facility/hub/embedded.py): issuer, port, host, keys file, clients,
-// users, access token lifetime.
+// users, access token lifetime, and the storage resource: access tokens for it are JWTs in the
+// WLCG profile ("wlcg.ver", "aud", "scope": "storage.read:/"), which the data servers validate
+// with the provider's public keys. The facility's own client gets such tokens with the
+// client-credentials grant, for reads from a terminal without the hub.
 
 import { generateKeyPairSync } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
-import Provider from 'oidc-provider';
+import Provider, { errors } from 'oidc-provider';
 
 const settings = JSON.parse(readFileSync(process.argv[2], 'utf8'));
 const users = new Map(settings.users.map((user) => [user.username, user]));
@@ -33,6 +36,13 @@ function claimsOf(user) {
   };
 }
 
+const storage = settings.storage;
+
+function groupsOf(accountId) {
+  const user = accountId && users.get(accountId);
+  return user ? user.groups.map((group) => `/${group}`) : storage.local_groups;
+}
+
 const provider = new Provider(settings.issuer, {
   clients: settings.clients,
   jwks: signingKeys(settings.keys_file),
@@ -44,13 +54,36 @@ const provider = new Provider(settings.issuer, {
     email: ['email'],
     'wlcg.groups': ['wlcg.groups'],
   },
-  features: { devInteractions: { enabled: false } },
+  features: {
+    devInteractions: { enabled: false },
+    clientCredentials: { enabled: true },
+    resourceIndicators: {
+      enabled: true,
+      defaultResource: () => storage.audience,
+      useGrantedResource: () => true,
+      getResourceServerInfo: (ctx, indicator, client) => {
+        if (indicator !== storage.audience) throw new errors.InvalidTarget();
+        const seconds = client.clientId === storage.local_client_id
+          ? storage.local_token_seconds : settings.access_token_seconds;
+        return { scope: storage.scope, audience: storage.audience, accessTokenFormat: 'jwt',
+                 accessTokenTTL: seconds, jwt: { sign: { alg: 'RS256' } } };
+      },
+    },
+  },
+  extraTokenClaims: async (ctx, token) => ({
+    'wlcg.ver': '1.0',
+    'wlcg.groups': groupsOf(token.accountId),
+    nbf: Math.floor(Date.now() / 1000) - 5,
+  }),
   interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
   findAccount: async (ctx, id) => {
     const user = users.get(id);
     if (!user) return undefined;
     return { accountId: id, claims: async () => claimsOf(user) };
   },
+  // The hub reads name and groups from the ID token: the access token is for the data servers,
+  // and userinfo accepts only tokens issued for it.
+  conformIdTokenClaims: false,
   issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
   ttl: { AccessToken: settings.access_token_seconds, IdToken: settings.access_token_seconds },
   pkce: { required: () => false },
