@@ -96,12 +96,15 @@ def test_a_restarted_data_server_is_read_again(facility_config: FacilityConfig) 
 
 
 def test_the_reduction_on_workers_equals_a_serial_merge_chunk_by_chunk(
-        facility_config: FacilityConfig) -> None:
+        facility_config: FacilityConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     from coffea.processor import accumulate
 
+    from facility.data.access import reader_environment
     from facility.processing.reader import process_chunk
     from facility.processing.receipts import ChunkDone
 
+    for name, value in reader_environment(facility_config).items():  # read here, as a worker
+        monkeypatch.setenv(name, value)
     result = run("dimuon", "DY", config=facility_config, output=False, chunk_size=1000)
     entries = list(result.ledger.entries.values())
     assert len(entries) == 40

@@ -279,11 +279,11 @@ def test_unreachable_region_fails_over_to_the_next(facility_config: FacilityConf
     finally:
         up(facility_config, report=lambda _: None)
     assert result.summary["events"] == 40000, result.summary
-    west = facility_config.region("west").serve
-    assert west is not None
-    west_prefix = f"root://localhost:{west.xrootd_port}/"
+    west = facility_config.region("west")
+    assert west.cache is not None
+    through_west_cache = f"root://localhost:{west.cache.xrootd_port}/"  # west is read through it
     used = result.summary["replicas_used"]
-    assert all(url.startswith(west_prefix) for url in used), used
+    assert all(url.startswith(through_west_cache) for url in used), used
     assert all(supervisor.state(s).healthy for s in data_services(facility_config))
 
 
@@ -297,10 +297,10 @@ def test_second_up_is_harmless(facility_config: FacilityConfig) -> None:
     after = {s.name: s.pid for s in status(facility_config)}
     assert before == after
     running = {name for name, pid in before.items() if pid is not None}
-    assert {"xrootd-east", "xrootd-west", "dask-default", "jupyterhub", "identity-provider",
-            "hub-proxy"} <= running
+    assert {"xrootd-east", "xrootd-west", "xrootd-west-cache", "dask-default", "jupyterhub",
+            "identity-provider", "hub-proxy"} <= running
     assert [line for line in lines if line.startswith("started")] == []
-    assert sum("already running" in line for line in lines) == 6
+    assert sum("already running" in line for line in lines) == 7
 
 
 def test_rerun_plans_from_remembered_files_with_identical_results(

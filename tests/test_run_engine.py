@@ -100,8 +100,18 @@ def test_ranking_moves_unhealthy_endpoints_last_and_keeps_the_rest() -> None:
      "damaged"),
     (ValueError("unrecognized compression algorithm: b'\\x00\\x00' in file root://a//f.root"),
      "damaged"),
+    (OSError("Failed to open file: [FATAL] TLS error: resource temporarily unavailable"),
+     "unavailable"),
+    (OSError("Cannot connect to host localhost:18094 ssl:True [SSLCertVerificationError: "
+             "certificate verify failed: self-signed certificate in certificate chain]"),
+     "unavailable"),
+    (OSError("Failed to open file: [FATAL] Auth failed: No protocols left to try"), "refused"),
+    (OSError("XRootD error: [ERROR] Server responded with an error: [3010] Unable to open "
+             "/DY/DY_0000.root; permission denied"), "refused"),
+    (OSError("403, message='Forbidden', url='https://localhost:18094/DY/DY_0000.root'"),
+     "refused"),
 ])
-def test_read_errors_are_sorted_into_unavailable_servers_and_damaged_replicas(
+def test_read_errors_are_sorted_into_unavailable_servers_refusals_and_damaged_replicas(
         error: BaseException, problem: str) -> None:
     assert replica_problem(error) == problem
 

@@ -112,6 +112,8 @@ UNAVAILABLE_SIGNS = (
     "cannot connect to host", "server disconnected", "broken pipe", "timed out",
     "name or service not known", "temporary failure in name resolution",
     "stream error", "invalid address", "unable to connect",
+    # a server this client cannot trust (its certificate) cannot be read, whatever the file
+    "tls error", "certificate verify failed",
 )
 # ...and one of these, from a server that would not let this user read (no token, or a token
 # it does not accept): neither the server nor the bytes are at fault.
