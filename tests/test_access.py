@@ -139,6 +139,16 @@ def test_anonymous_reads_and_any_write_are_refused_and_the_token_reads(
     assert "permission denied" in removed.stderr.lower() + removed.stdout.lower()
     assert on_disk.exists()
 
+    ran = subprocess.run(
+        [sys.executable, "-m", "facility.cli", "--config", str(facility_config.home / "facility.yaml"),
+         "run", "dimuon", "--dataset", "DY", "--json"], cwd=REPO, capture_output=True, text=True,
+        timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith("BEARER_TOKEN")})
+    assert ran.returncode == 0, ran.stderr
+    summary = json.loads(ran.stdout[ran.stdout.index("{"):])
+    assert url in summary["replicas_used"]
+    assert summary["events"] == sum(f.events for f in load_catalog(
+        facility_config.catalog_path).get("DY").files)
+
 
 def test_the_servers_refuse_expired_foreign_and_forged_tokens(
         facility_config: FacilityConfig, bad_tokens: dict[str, Path], tmp_path: Path) -> None:
