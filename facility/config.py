@@ -81,6 +81,10 @@ class CacheConfig(_Strict):
                      description="memory for blocks in flight (XrdPfc's pfc.ram, at least 1g)")
     block_size: str = Field(default="1m", pattern=r"^\d+[kmg]$",
                             description="unit of caching (pfc.blocksize)")
+    prefetch: int = Field(default=0, ge=0, le=64,
+                          description="blocks read ahead per open file (pfc.prefetch); 0 fetches "
+                                      "only what is read: an analysis reads a few branches of a "
+                                      "file, and read-ahead would pull the whole file")
     cache_dir: Path | None = Field(default=None,
                                    description="where cached files live; default <state>/xcache/<region>")
 

@@ -34,6 +34,8 @@ from facility.data.tokens import (
     FoundToken,
     describe,
     ensure_local_token,
+    find_token,
+    keeps_local_token,
     token_problem,
     trusted_issuers,
 )
@@ -79,6 +81,8 @@ def bad_tokens(facility_config: FacilityConfig, tmp_path_factory: pytest.TempPat
         "other VO": _private(folder / "other-vo", _token(
             facility_config, issuer="https://other-vo.example", key=stranger)),
         "forged": _private(folder / "forged", _token(facility_config, key=stranger)),
+        "other audience": _private(folder / "other-audience", _token(
+            facility_config, aud="facility-hub", sub="xcache")),
     }
 
 
@@ -211,18 +215,54 @@ def test_a_run_with_a_token_the_servers_refuse_stops_naming_the_token_and_why(
 
 
 def test_what_is_wrong_with_a_token_is_said_without_its_value(
-        facility_config: FacilityConfig, bad_tokens: dict[str, Path]) -> None:
-    trusted = trusted_issuers(facility_config)
-    found = {why: FoundToken(path.read_text(), str(path)) for why, path in bad_tokens.items()}
-    assert re.search(r"expired 1\d min ago", str(token_problem(found["expired"], trusted)))
-    assert "issued by https://other-vo.example, which the data servers do not trust" in str(
-        token_problem(found["other VO"], trusted))
-    assert token_problem(found["forged"], trusted) is None  # only the servers can tell
+        facility_config: FacilityConfig, bad_tokens: dict[str, Path], tmp_path: Path) -> None:
+    trusted, audience = trusted_issuers(facility_config), facility_config.data_access.audience
+    found = {why: FoundToken(path.read_text(), str(path), path)
+             for why, path in bad_tokens.items()}
+
+    def problem(token: FoundToken | None) -> str:
+        return str(token_problem(token, trusted, audience))
+
+    assert re.search(r"expired 1\d min ago", problem(found["expired"]))
+    assert "issued by https://other-vo.example, which the data servers do not trust" in problem(
+        found["other VO"])
+    assert token_problem(found["forged"], trusted, audience) is None  # only the servers can tell
+    assert "is meant for facility-hub, not the data servers" in problem(found["other audience"])
     unscoped = FoundToken(_token(facility_config, scope="openid"), "test")
-    assert "no storage.read scope" in str(token_problem(unscoped, trusted))
-    assert token_problem(None, trusted).startswith("no token was found")  # type: ignore[union-attr]
+    assert "no storage.read scope" in problem(unscoped)
+    assert problem(None).startswith("no token was found")
+    loose = bad_tokens["forged"].with_name("loose")
+    loose.write_text(_token(facility_config))
+    loose.chmod(0o644)
+    assert f"may be read by others (mode 0o644), and the XRootD client refuses it: chmod 600 " \
+           f"{loose}" in problem(FoundToken(loose.read_text(), str(loose), loose))
     for token in found.values():
         assert token.value not in describe(token)
+
+
+def test_a_token_another_account_planted_where_tokens_are_looked_for_is_not_used(
+        facility_config: FacilityConfig, tmp_path: Path) -> None:
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    planted = _private(runtime / f"bt_u{os.getuid()}", _token(facility_config))
+    environ = {"XDG_RUNTIME_DIR": str(runtime)}
+    assert find_token(environ) is not None  # this account's own file is found...
+    os.chown(planted, os.getuid() + 4242, -1)
+    assert find_token(environ) is None  # ...one another account owns is passed over
+    assert keeps_local_token(facility_config, environ)  # and the facility keeps its own
+
+
+def test_other_accounts_cannot_read_the_served_files_around_the_servers(
+        facility_config: FacilityConfig) -> None:
+    for region in ("east", "west"):
+        _, on_disk = _a_file(facility_config, region)
+        root = facility_config.region_root(facility_config.region(region))
+        assert root.stat().st_mode & 0o007 == 0, oct(root.stat().st_mode)
+        if os.geteuid() == 0:  # try it as another account
+            attempt = subprocess.run(["runuser", "-u", "nobody", "--", "head", "-c", "4",
+                                      str(on_disk)], capture_output=True, text=True)
+            assert attempt.returncode != 0
+            assert "Permission denied" in attempt.stderr
 
 
 def _cache_server_pid(config: FacilityConfig, region: str) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from facility.config import FacilityConfig
+from facility.data.servers import cache_token_file, renew_cache_token
 from facility.data.tls import client_tls_environment
 from facility.data.tokens import (
     TOKEN_FILE_ENV,
@@ -33,8 +34,11 @@ def reader_environment(config: FacilityConfig) -> dict[str, str]:
 
 def renew_reader_token(config: FacilityConfig) -> None:
     """Before work that reads: the token the facility keeps for this user (when it keeps one)
-    has a good while left. Workers of this user's clusters read that very file."""
+    has a good while left, and so has the caches' own. Workers of this user's clusters read
+    that very file."""
     ensure_local_token(config)
+    if not config.hub.vo.issuer and cache_token_file(config).parent.exists():
+        renew_cache_token(config)
 
 
 def check_workers_token(client: Any, config: FacilityConfig) -> None:
@@ -43,7 +47,8 @@ def check_workers_token(client: Any, config: FacilityConfig) -> None:
     servers would refuse it."""
     if not config.data_access.require_token:
         return
-    answers = client.run(worker_token_problem, trusted_issuers(config), on_error="return")
+    answers = client.run(worker_token_problem, trusted_issuers(config),
+                         config.data_access.audience, on_error="return")
     for worker, problem in sorted(answers.items()):
         if isinstance(problem, str):
             raise refusal(problem, where=f" (worker {worker} of the cluster reads with its own)")

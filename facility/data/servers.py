@@ -13,8 +13,9 @@ this machine, so the facility puts its published keys (fetched from its ``jwks_u
 libscitokens' key cache before the servers start; an https issuer is fetched by the library.
 
 A region may have an XCache (``XrdPss`` proxy with the ``XrdPfc`` file cache). It checks the
-user's token like a server and reads from the region's server as a trusted service, with
-XRootD's shared-secret protocol (``sss``) and a key only the server account can read.
+user's token like a server, and reads from the region's server with a token of its own (a
+service token of the facility's client, kept in a file only the server account can read and
+renewed with the users' tokens).
 
 When started as root a server drops to the unprivileged ``xrootd`` account (``-R``). XRootD 5
 has no setting for the address it listens on: servers listen on every interface, and what
@@ -29,19 +30,23 @@ import os
 import pwd
 import shutil
 import sqlite3
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 from facility.config import CacheConfig, FacilityConfig, RegionConfig
 from facility.data.tls import data_tls, ensure_data_tls
-from facility.data.tokens import trusted_issuers
+from facility.data.tokens import (
+    RENEW_BEFORE_SECONDS,
+    fetch_local_token,
+    remaining_seconds,
+    trusted_issuers,
+    write_private,
+)
 from facility.embedded.services import Service
 from facility.errors import InfrastructureError
 
 SERVER_ACCOUNT = "xrootd"
-CACHE_IDENTITY = "xcache"
 # How long keys put into libscitokens' cache are used before it tries to fetch them again.
 KEY_CACHE_SECONDS = 365 * 86400
 
@@ -82,17 +87,14 @@ def _tls_lines(config: FacilityConfig) -> list[str]:
             "xrootd.tls all"]
 
 
-def _token_lines(config: FacilityConfig, also: str = "") -> list[str]:
-    """Authentication by token (``ztn``; ``also`` a further protocol) and authorization by the
-    SciTokens plugin, chained to an authorization file for non-token identities."""
+def _token_lines(config: FacilityConfig) -> list[str]:
+    """Authentication by token only (``ztn``) and authorization by the SciTokens plugin; the
+    authorization file it is chained to grants nothing."""
     if not config.data_access.require_token:
         return []
     base = security_base(config)
-    lines = ["xrootd.seclib libXrdSec.so", "sec.protocol ztn"]
-    if also:
-        lines.append(also)
-    return [*lines, f"sec.protbind * only ztn{' sss' if also else ''}", "ofs.authorize 1",
-            f"acc.authdb {base / 'authdb'}",
+    return ["xrootd.seclib libXrdSec.so", "sec.protocol ztn", "sec.protbind * only ztn",
+            "ofs.authorize 1", f"acc.authdb {base / 'authdb'}",
             f"ofs.authlib ++ libXrdAccSciTokens.so config={base / 'scitokens.cfg'}",
             "http.header2cgi Authorization authz"]
 
@@ -113,8 +115,7 @@ def server_config_text(config: FacilityConfig, region: RegionConfig, admin_dir: 
     ]
     if region.serve.http_port:
         lines.append(f"xrd.protocol XrdHttp:{region.serve.http_port} libXrdHttp.so")
-    cache_key = f"sec.protocol sss -s {sss_keytab(config)}" if region.cache else ""
-    lines += _token_lines(config, also=cache_key)
+    lines += _token_lines(config)
     return "\n".join(lines) + "\n"
 
 
@@ -132,6 +133,7 @@ def cache_config_text(config: FacilityConfig, region: RegionConfig, admin_dir: P
         "pss.cachelib libXrdPfc.so",
         f"pfc.ram {cache.ram}",
         f"pfc.blocksize {cache.block_size}",
+        f"pfc.prefetch {cache.prefetch}",
         f"oss.localroot {cache_dir(config, region)}",
         f"all.adminpath {admin_dir}",
         f"all.pidpath {admin_dir}",
@@ -152,15 +154,15 @@ def cache_dir(config: FacilityConfig, region: RegionConfig) -> Path:
 # what the servers need to check tokens
 
 
-def sss_keytab(config: FacilityConfig) -> Path:
-    return security_base(config) / "sss.keytab"
+def cache_token_file(config: FacilityConfig) -> Path:
+    return security_base(config) / "cache-token"
 
 
 def scitokens_config_text(config: FacilityConfig) -> str:
     """The SciTokens plugin's settings: the trusted issuers, the audience; a request without an
-    acceptable token falls through to the authorization file (which names only the cache)."""
+    acceptable token is refused."""
     access = config.data_access
-    lines = ["[Global]", f"audience = {access.audience}", "onmissing = passthrough", ""]
+    lines = ["[Global]", f"audience = {access.audience}", "onmissing = deny", ""]
     for number, issuer in enumerate(trusted_issuers(config)):
         lines += [f"[Issuer vo{number}]", f"issuer = {issuer}", "base_path = /", ""]
     return "\n".join(lines)
@@ -200,13 +202,18 @@ def seed_key_cache(config: FacilityConfig) -> None:
             db.execute("INSERT OR REPLACE INTO keycache VALUES (?, ?)", (issuer, json.dumps(entry)))
 
 
-def _make_sss_keytab(path: Path) -> None:
-    if path.exists():
+def renew_cache_token(config: FacilityConfig) -> None:
+    """The caches' own token, renewed when it runs short; the server account owns it (the
+    XRootD client uses a token file only if its own account owns it, mode 0600)."""
+    if not (config.data_access.require_token and cached_regions(config)):
         return
-    subprocess.run(["xrdsssadmin", "-k", "facility-cache", "-u", CACHE_IDENTITY, "-g",
-                    CACHE_IDENTITY, "add", str(path)], input="y\n", capture_output=True,
-                   text=True, check=True)
-    path.chmod(0o600)
+    path = cache_token_file(config)
+    if remaining_seconds(path) >= RENEW_BEFORE_SECONDS:
+        return
+    write_private(path, fetch_local_token(config))
+    account = _run_as()
+    if account:
+        _give_to(path, account)
 
 
 def prepare_data_access(config: FacilityConfig) -> None:
@@ -216,15 +223,13 @@ def prepare_data_access(config: FacilityConfig) -> None:
     base = security_base(config)
     base.mkdir(parents=True, exist_ok=True)
     (base / "scitokens.cfg").write_text(scitokens_config_text(config))
-    (base / "authdb").write_text(f"u {CACHE_IDENTITY} / rl\n")
+    (base / "authdb").write_text("# nothing is granted here: every read needs a VO token\n")
     if config.data_access.require_token:
         seed_key_cache(config)
-    if any(region.cache for region in served_regions(config)):
-        _make_sss_keytab(sss_keytab(config))
+    renew_cache_token(config)
     account = _run_as()
     if account:
-        tls = data_tls(config)
-        for owned in (tls.key, sss_keytab(config), *_tree(key_cache_home(config))):
+        for owned in (data_tls(config).key, *_tree(key_cache_home(config))):
             if owned.exists():
                 _give_to(owned, account)
 
@@ -240,17 +245,28 @@ def _give_to(path: Path, account: str) -> None:
 
 def _check_reachable(path: Path, account: str) -> None:
     """The unprivileged server account must be able to reach ``path``: say which folder bars it."""
-    uid = pwd.getpwnam(account).pw_uid
+    entry = pwd.getpwnam(account)
     target = path.resolve()
     for folder in [*reversed(target.parents), target]:
         info = folder.stat()
         needed = 0o001 if folder.is_dir() else 0o004
-        if info.st_uid != uid and not info.st_mode & needed:
+        by_group = info.st_gid == entry.pw_gid and info.st_mode & (needed << 3)
+        if info.st_uid != entry.pw_uid and not by_group and not info.st_mode & needed:
             raise DataServerError(
                 f"the XRootD server runs as {account!r}, which cannot enter {folder} "
                 f"(mode {oct(info.st_mode & 0o777)}); put the facility home elsewhere or "
                 f"allow others to traverse it (chmod o+x {folder})"
             )
+
+
+def _keep_from_others(root: Path, account: str | None) -> None:
+    """Files a server exports are read through it, with a token: other local accounts may not
+    open the folder (the server account reads it as its group)."""
+    if account:
+        os.chown(root, -1, pwd.getpwnam(account).pw_gid)
+        root.chmod(0o750)
+    else:
+        root.chmod(0o700)
 
 
 def _xrootd_service(config: FacilityConfig, name: str, text: str, readable: list[Path],
@@ -281,6 +297,8 @@ def data_server(config: FacilityConfig, region: RegionConfig) -> Service:
         raise DataServerError(f"region {region.name!r} has no `serve` settings")
     root = config.region_root(region)
     root.mkdir(parents=True, exist_ok=True)
+    if not (region.serve.root_dir and region.serve.root_dir.is_absolute()):
+        _keep_from_others(root, _run_as())  # a folder of the facility's own (not a site's)
     text = server_config_text(config, region, security_base(config) / region.name / "admin")
     ports = [region.serve.xrootd_port] + ([region.serve.http_port] if region.serve.http_port else [])
     return _xrootd_service(config, region.name, text, [root], ports,
@@ -288,7 +306,7 @@ def data_server(config: FacilityConfig, region: RegionConfig) -> Service:
 
 
 def cache_server(config: FacilityConfig, region: RegionConfig) -> Service:
-    """The XCache in front of a region's server; it reads from it with the ``sss`` key."""
+    """The XCache in front of a region's server; it reads from it with its own token."""
     cache: CacheConfig | None = region.cache
     if cache is None:
         raise DataServerError(f"region {region.name!r} has no `cache` settings")
@@ -299,8 +317,8 @@ def cache_server(config: FacilityConfig, region: RegionConfig) -> Service:
         _give_to(folder, account)
     name = f"{region.name}-cache"
     text = cache_config_text(config, region, security_base(config) / name / "admin")
-    env = {"X509_CERT_DIR": str(data_tls(config).ca_dir), "XrdSecPROTOCOL": "sss",
-           "XrdSecSSSKT": str(sss_keytab(config))}
+    env = {"X509_CERT_DIR": str(data_tls(config).ca_dir), "XrdSecPROTOCOL": "ztn",
+           "BEARER_TOKEN_FILE": str(cache_token_file(config))}
     return _xrootd_service(config, name, text, [folder], [cache.xrootd_port],
                            f"XCache of region {region.name} in {folder}", env)
 

@@ -30,6 +30,7 @@ from facility.config import FacilityConfig
 from facility.errors import UsageError
 
 TOKEN_ENV = "BEARER_TOKEN"
+WLCG_ANY_AUDIENCE = "https://wlcg.cern.ch/jwt/v1/any"
 TOKEN_FILE_ENV = "BEARER_TOKEN_FILE"
 # A run asks for a new local token when the current one has less left than this.
 RENEW_BEFORE_SECONDS = 1800
@@ -47,9 +48,24 @@ class FoundToken:
 
     value: str
     source: str
+    path: Path | None = None
 
     def claims(self) -> dict[str, Any]:
         return token_claims(self.value)
+
+    def file_problem(self) -> str | None:
+        """The XRootD client uses a token file only if this account owns it and nobody else
+        may read it."""
+        if self.path is None:
+            return None
+        info = self.path.stat()
+        if info.st_uid != os.getuid():
+            return f"the token file {self.path} belongs to another account (uid {info.st_uid})"
+        if info.st_mode & 0o077:
+            return (f"the token file {self.path} may be read by others (mode "
+                    f"{oct(info.st_mode & 0o777)}), and the XRootD client refuses it: "
+                    f"chmod 600 {self.path}")
+        return None
 
 
 def token_claims(token: str) -> dict[str, Any]:
@@ -78,16 +94,21 @@ def discovery_paths(environ: dict[str, str] | os._Environ[str] = os.environ) -> 
 
 
 def find_token(environ: dict[str, str] | os._Environ[str] = os.environ) -> FoundToken | None:
+    """The token WLCG discovery finds. A file found by looking (not named by
+    ``BEARER_TOKEN_FILE``) that another account owns is passed over: ``/tmp`` is everyone's,
+    and a token planted there must not be used."""
     if environ.get(TOKEN_ENV):
         return FoundToken(environ[TOKEN_ENV].strip(), TOKEN_ENV)
     for path in discovery_paths(environ):
+        named = environ.get(TOKEN_FILE_ENV) == str(path)
         try:
+            if not named and path.stat().st_uid != os.getuid():
+                continue
             value = path.read_text().strip()
         except OSError:
             continue
         if value:
-            via = f"{TOKEN_FILE_ENV}={path}" if environ.get(TOKEN_FILE_ENV) == str(path) else str(path)
-            return FoundToken(value, via)
+            return FoundToken(value, f"{TOKEN_FILE_ENV}={path}" if named else str(path), path)
     return None
 
 
@@ -98,13 +119,16 @@ def trusted_issuers(config: FacilityConfig) -> list[str]:
     return list(dict.fromkeys([issuer_url(config), *config.data_access.issuers]))
 
 
-def token_problem(found: FoundToken | None, trusted: list[str],
+def token_problem(found: FoundToken | None, trusted: list[str], audience: str,
                   now: float | None = None) -> str | None:
-    """Why servers trusting the issuers ``trusted`` will refuse this token, or None when they
-    should accept it."""
+    """Why servers trusting the issuers ``trusted``, for ``audience``, will refuse this token,
+    or None when they should accept it (only they can check its signature)."""
     if found is None:
         looked = ", ".join([TOKEN_ENV, *map(str, discovery_paths())])
         return f"no token was found (looked at {looked})"
+    problem = found.file_problem()
+    if problem:
+        return problem
     claims = found.claims()
     if not claims:
         return f"the token in {found.source} is not a JWT"
@@ -113,10 +137,22 @@ def token_problem(found: FoundToken | None, trusted: list[str],
     if issuer not in trusted:
         return (f"the token in {found.source} was issued by {issuer}, which the data servers do "
                 f"not trust (they accept tokens of {', '.join(trusted)})")
+    subject = claims.get("sub", "?")
     expires = claims.get("exp")
-    if isinstance(expires, int | float) and expires <= now:
-        return (f"the token in {found.source} (subject {claims.get('sub', '?')}) expired "
+    if not isinstance(expires, int | float):
+        return f"the token in {found.source} (subject {subject}) has no expiry"
+    if expires <= now:
+        return (f"the token in {found.source} (subject {subject}) expired "
                 f"{_ago(now - expires)} ago, at {time.strftime('%H:%M:%S', time.localtime(expires))}")
+    starts = claims.get("nbf")
+    if isinstance(starts, int | float) and starts > now + 60:
+        return f"the token in {found.source} (subject {subject}) is valid only from " \
+               f"{time.strftime('%H:%M:%S', time.localtime(starts))}"
+    audiences = claims.get("aud")
+    audiences = audiences if isinstance(audiences, list) else [audiences]
+    if audience not in audiences and WLCG_ANY_AUDIENCE not in audiences:
+        return (f"the token in {found.source} (subject {subject}) is meant for "
+                f"{', '.join(map(str, audiences))}, not the data servers ({audience})")
     scopes = str(claims.get("scope", "")).split()
     if not any(s.startswith("storage.read:") for s in scopes):
         return (f"the token in {found.source} has no storage.read scope (its scopes: "
@@ -153,11 +189,10 @@ def local_token_file(config: FacilityConfig) -> Path:
     return config.state_path / "tokens" / f"bt_u{os.getuid()}"
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Replace the file atomically, readable by its owner only (the XRootD client refuses a
     token file that others can read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.parent.chmod(0o700)
     tmp = path.with_name(path.name + ".tmp")
     descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as handle:
@@ -165,7 +200,7 @@ def _write_private(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _remaining(path: Path) -> float:
+def remaining_seconds(path: Path) -> float:
     try:
         claims = token_claims(path.read_text())
     except OSError:
@@ -210,8 +245,9 @@ def ensure_local_token(config: FacilityConfig) -> Path | None:
     if not keeps_local_token(config):
         return None
     path = local_token_file(config)
-    if _remaining(path) < RENEW_BEFORE_SECONDS:
-        _write_private(path, fetch_local_token(config))
+    if remaining_seconds(path) < RENEW_BEFORE_SECONDS:
+        write_private(path, fetch_local_token(config))
+        path.parent.chmod(0o700)
     return path
 
 
@@ -220,6 +256,6 @@ def refusal(problem: str, where: str = "") -> TokenError:
                       f"hub provides it; elsewhere set {TOKEN_FILE_ENV} to a current token file")
 
 
-def worker_token_problem(trusted: list[str]) -> str | None:
+def worker_token_problem(trusted: list[str], audience: str) -> str | None:
     """Run on a worker: why the servers would refuse the token it reads with."""
-    return token_problem(find_token(), trusted)
+    return token_problem(find_token(), trusted, audience)
