@@ -225,7 +225,8 @@ def measure_cache(config: FacilityConfig, region: RegionConfig, dataset: Dataset
     up(config, report=console.print, hub=False)
     through_cache = _urls_on(dataset, region.cache.host, region.cache.xrootd_port)
     cold, warm = _first_and_second_pass(through_cache, workers, columns)
-    cached = sum(p.stat().st_size for p in folder.rglob("*.root") if p.is_file())
+    # the cache's files are sparse: what it holds is the blocks on disk, not their size
+    cached = sum(p.stat().st_blocks * 512 for p in folder.rglob("*.root") if p.is_file())
     direct = _urls_on(dataset, region.host, region.serve.xrootd_port)
     return CacheRow(region.name, cold, warm, ceiling(direct, columns, workers), cached)
 
@@ -318,7 +319,7 @@ def _print_caches(console: Console, caches: list[CacheRow], context: dict[str, A
     if not caches:
         return
     table = Table("region", "through the cache, cold", "through the cache, warm", "warm/cold",
-                  "server directly", "warm/direct", "cached",
+                  "server directly", "warm/direct", "cached on disk",
                   title=f"raw read of the analysis' branches over {context['events']:,} events "
                         f"through each region's XCache, {context['workers']} processes, events "
                         "per second")
