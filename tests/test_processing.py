@@ -7,11 +7,13 @@ import os
 import random
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
 import numpy as np
+import psutil
 import pytest
 import uproot
 
@@ -364,3 +366,26 @@ def test_command_line_run_and_data(facility_config: FacilityConfig, tmp_path: Pa
     assert main(["--config", config_file, "run", "dimuon", "-d", "Nope"]) == 2
     assert "unknown dataset 'Nope'" in capsys.readouterr().err
 
+
+
+def test_stopping_the_hub_leaves_none_of_its_processes(facility_config: FacilityConfig) -> None:
+    """JupyterHub starts its idle culler in a session of its own: it must end with the hub."""
+    from facility.embedded.facility import up
+
+    up(facility_config, report=lambda _: None)
+    supervisor = Supervisor(facility_config.state_path)
+    hub = supervisor.process("jupyterhub")
+    assert hub is not None
+    deadline = time.monotonic() + 30
+    descendants: list[psutil.Process] = []
+    while time.monotonic() < deadline and not any(
+            "jupyterhub_idle_culler" in " ".join(p.cmdline()) for p in descendants):
+        time.sleep(0.5)
+        descendants = hub.children(recursive=True)
+    assert any(os.getpgid(p.pid) != os.getpgid(hub.pid) for p in descendants)
+    try:
+        assert supervisor.stop("jupyterhub")
+        _, alive = psutil.wait_procs(descendants, timeout=10)
+        assert alive == []
+    finally:
+        up(facility_config, report=lambda _: None)

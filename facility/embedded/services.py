@@ -165,10 +165,10 @@ class Supervisor:
             return False
         group = _process_group(proc.pid)
         members = [proc, *proc.children(recursive=True)]
-        _signal(group, proc, signal.SIGTERM)
+        _signal_all(group, proc, members, signal.SIGTERM)
         _gone, alive = psutil.wait_procs(members, timeout=timeout)
         if alive:
-            _signal(group, proc, signal.SIGKILL)
+            _signal_all(group, proc, alive, signal.SIGKILL)
             psutil.wait_procs(alive, timeout=5)
         self._record_path(name).unlink(missing_ok=True)
         return True
@@ -225,6 +225,17 @@ def _process_group(pid: int) -> int | None:
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
+
+
+def _signal_all(group: int | None, proc: psutil.Process, members: list[psutil.Process],
+                sig: signal.Signals) -> None:
+    """The service's process group, and its descendants that started a session of their own
+    (JupyterHub starts its managed services so): stopping a service leaves nothing behind."""
+    _signal(group, proc, sig)
+    for member in members:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+            if _process_group(member.pid) != group:
+                member.send_signal(sig)
 
 
 def _signal(group: int | None, proc: psutil.Process, sig: signal.Signals) -> None:

@@ -19,6 +19,8 @@ from urllib.parse import quote
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.ioloop import PeriodicCallback
 
+from facility.data.tokens import write_private
+
 TOKEN_FILE_ENV = "BEARER_TOKEN_FILE"
 POLL_ENV = "FACILITY_TOKEN_POLL_SECONDS"
 DEFAULT_POLL_SECONDS = 60.0
@@ -28,12 +30,7 @@ def write_token(path: Path, token: str) -> bool:
     """Replace the file's token (0600, atomic); returns whether it changed."""
     if path.exists() and path.read_text() == token:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(token)
-    tmp.replace(path)
+    write_private(path, token)
     return True
 
 
