@@ -31,30 +31,20 @@ SERVER_DAYS = 825
 
 @dataclass(frozen=True)
 class DataTLS:
-    """Where the data servers' TLS files are."""
+    """Where the data servers' TLS files are: the CA, the CA in OpenSSL's hashed-folder layout
+    (as ``X509_CERT_DIR`` expects it), the server's certificate and key."""
 
     folder: Path
-
-    @property
-    def ca(self) -> Path:
-        return self.folder / "ca.pem"
-
-    @property
-    def ca_dir(self) -> Path:
-        """The CA in OpenSSL's hashed-folder layout, as ``X509_CERT_DIR`` expects it."""
-        return self.folder / "certificates"
-
-    @property
-    def cert(self) -> Path:
-        return self.folder / "server.pem"
-
-    @property
-    def key(self) -> Path:
-        return self.folder / "server.key"
+    ca: Path
+    ca_dir: Path
+    cert: Path
+    key: Path
 
 
 def data_tls(config: FacilityConfig) -> DataTLS:
-    return DataTLS(config.state_path / "tls")
+    folder = config.state_path / "tls"
+    return DataTLS(folder, ca=folder / "ca.pem", ca_dir=folder / "certificates",
+                   cert=folder / "server.pem", key=folder / "server.key")
 
 
 def server_hosts(config: FacilityConfig) -> list[str]:
