@@ -1,8 +1,8 @@
 """What a process that reads the data needs: trust in the data servers' CA, and a VO token.
 
 The client of a run and every worker of a cluster read through the same servers. Workers get
-the variables when their cluster starts (``X509_CERT_DIR``, ``SSL_CERT_FILE`` and, when the
-facility keeps the user's token, ``BEARER_TOKEN_FILE``); the file itself is renewed by the
+the variables when their cluster starts (``X509_CERT_DIR`` and, when the facility keeps the
+user's token, ``BEARER_TOKEN_FILE``); the file itself is renewed by the
 client before each run, so long-lived workers read with a current token.
 """
 
@@ -17,18 +17,18 @@ from facility.data.tokens import (
     TOKEN_FILE_ENV,
     ensure_local_token,
     keeps_local_token,
+    local_token_file,
     refusal,
     trusted_issuers,
     worker_token_problem,
 )
-from facility.data.tokens import local_token_file as _local_token_file
 
 
 def reader_environment(config: FacilityConfig) -> dict[str, str]:
     """The variables, without fetching anything (used when a cluster's workers start)."""
     env = client_tls_environment(config)
     if keeps_local_token(config):
-        env[TOKEN_FILE_ENV] = str(_local_token_file(config))
+        env[TOKEN_FILE_ENV] = str(local_token_file(config))
     return env
 
 
