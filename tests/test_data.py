@@ -29,6 +29,7 @@ from facility.data.catalog import (
     save_catalog,
 )
 from facility.data.samples import generate_samples
+from facility.data.servers import admin_folder, instance_name
 from facility.embedded import facility as embedded
 from facility.embedded.services import free_port
 from facility.processing.bench import handwritten_dimuon
@@ -43,9 +44,11 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def cloud_facility(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FacilityConfig]:
     """A facility whose third region keeps its replicas in an S3 bucket (the embedded object
-    store), beside two XRootD regions: only the DY sample."""
-    home = REPO / ".facility" / "tests" / f"cloud-{tmp_path_factory.getbasetemp().name}"
-    shutil.rmtree(home, ignore_errors=True)
+    store), beside two XRootD regions: only the DY sample. Its home is deep, as a checkout
+    in a deep folder makes it: XRootD then needs its sockets elsewhere."""
+    tests_home = REPO / ".facility" / "tests" / f"cloud-{tmp_path_factory.getbasetemp().name}"
+    home = tests_home / "a-facility-home-in-a-folder-deep-enough-for-unix-sockets-to-matter"
+    shutil.rmtree(tests_home, ignore_errors=True)
     cloud = (f"  - {{name: cloud, distance: 9, object_store: {{bucket: facility-cloud, "
              f"port: {free_port()}}}}}")
     config = small_config(home, extra_regions=cloud)
@@ -53,7 +56,19 @@ def cloud_facility(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facilit
     embedded.up(config, report=lambda _: None, hub=False)
     yield config
     embedded.down(config, report=lambda _: None)
-    shutil.rmtree(home, ignore_errors=True)
+    assert not admin_folder(config, "west-cache").exists()
+    shutil.rmtree(tests_home, ignore_errors=True)
+
+
+def test_servers_of_a_deep_home_keep_their_sockets_in_a_short_folder(
+        cloud_facility: FacilityConfig) -> None:
+    states = {state.name: state for state in embedded.status(cloud_facility)}
+    for name in ("east", "west", "west-cache"):
+        sockets = admin_folder(cloud_facility, name) / instance_name(name) / ".xrd"
+        assert not sockets.is_relative_to(cloud_facility.home)
+        assert len(f"{sockets}/") < 100
+        assert sockets.is_dir()
+        assert states[f"xrootd-{name}"].healthy
 
 
 def _only_scheme(config: FacilityConfig, source: str, scheme: str) -> str:

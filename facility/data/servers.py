@@ -25,11 +25,13 @@ guards them is the token, TLS and the read-only export.
 from __future__ import annotations
 
 import grp
+import hashlib
 import json
 import os
 import pwd
 import shutil
 import sqlite3
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -49,6 +51,9 @@ from facility.errors import InfrastructureError
 SERVER_ACCOUNT = "xrootd"
 # How long keys put into libscitokens' cache are used before it tries to fetch them again.
 KEY_CACHE_SECONDS = 365 * 86400
+# XRootD keeps unix sockets in ``<adminpath>/<instance>/.xrd/`` and refuses to start when that
+# folder's path has this many characters or more (a socket's path must fit in 108 bytes).
+ADMIN_PATH_LIMIT = 100
 
 
 class DataServerError(InfrastructureError, RuntimeError):
@@ -79,6 +84,47 @@ def _run_as() -> str | None:
 
 def security_base(config: FacilityConfig) -> Path:
     return config.state_path / "xrootd"
+
+
+def instance_name(name: str) -> str:
+    return f"facility-{name}"
+
+
+def admin_folder(config: FacilityConfig, name: str) -> Path:
+    """Where a server keeps its sockets and pid file: beside its config, unless the facility's
+    home is so deep that XRootD would refuse the path; then a short folder in the system's
+    temporary folder, named after the state folder so that two facilities never share one."""
+    preferred = security_base(config) / name / "admin"
+    if len(f"{preferred}/{instance_name(name)}/.xrd/") < ADMIN_PATH_LIMIT:
+        return preferred
+    return _outside_admin_base(config) / name
+
+
+def _outside_admin_base(config: FacilityConfig) -> Path:
+    digest = hashlib.sha256(str(config.state_path.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"facility-xrd-{os.getuid()}-{digest}"
+
+
+def remove_outside_admin_folders(config: FacilityConfig) -> None:
+    """After the servers stopped: nothing of a facility stays in the temporary folder."""
+    shutil.rmtree(_outside_admin_base(config), ignore_errors=True)
+
+
+def _make_admin_folder(admin: Path, preferred_parent: Path) -> None:
+    """A short admin folder outside the state folder lives in a folder of the facility's own:
+    refuse one that someone else made (or a link), since the server trusts what is in it."""
+    if admin.parent != preferred_parent:
+        try:
+            admin.parent.mkdir(mode=0o711)
+        except FileExistsError:
+            info = admin.parent.lstat()
+            if not admin.parent.is_dir() or admin.parent.is_symlink() \
+                    or info.st_uid != os.geteuid():
+                raise DataServerError(
+                    f"{admin.parent} (the XRootD servers' admin folder) exists but is not a "
+                    "folder of this account's; remove it") from None
+        admin.parent.chmod(0o711)
+    admin.mkdir(parents=True, exist_ok=True)
 
 
 def _tls_lines(config: FacilityConfig) -> list[str]:
@@ -274,8 +320,9 @@ def _xrootd_service(config: FacilityConfig, name: str, text: str, readable: list
     """An xrootd process with its own folder, config file and admin folder."""
     account = _run_as()
     base = security_base(config) / name
-    admin = base / "admin"
-    admin.mkdir(parents=True, exist_ok=True)
+    admin = admin_folder(config, name)
+    base.mkdir(parents=True, exist_ok=True)
+    _make_admin_folder(admin, base)
     cfg = base / "xrootd.cfg"
     cfg.write_text(text)
     if account:
@@ -283,7 +330,7 @@ def _xrootd_service(config: FacilityConfig, name: str, text: str, readable: list
             _give_to(owned, account)
         for path in (cfg, *readable):
             _check_reachable(path, account)
-    argv = [xrootd_binary(), "-c", str(cfg), "-n", f"facility-{name}"]
+    argv = [xrootd_binary(), "-c", str(cfg), "-n", instance_name(name)]
     if account:
         argv += ["-R", account]
     return Service(name=f"xrootd-{name}", argv=argv, ports=ports, cwd=base,
@@ -299,7 +346,7 @@ def data_server(config: FacilityConfig, region: RegionConfig) -> Service:
     root.mkdir(parents=True, exist_ok=True)
     if not (region.serve.root_dir and region.serve.root_dir.is_absolute()):
         _keep_from_others(root, _run_as())  # a folder of the facility's own (not a site's)
-    text = server_config_text(config, region, security_base(config) / region.name / "admin")
+    text = server_config_text(config, region, admin_folder(config, region.name))
     ports = [region.serve.xrootd_port] + ([region.serve.http_port] if region.serve.http_port else [])
     return _xrootd_service(config, region.name, text, [root], ports,
                            f"XRootD server of region {region.name} serving {root}", {})
@@ -316,7 +363,7 @@ def cache_server(config: FacilityConfig, region: RegionConfig) -> Service:
     if account:
         _give_to(folder, account)
     name = f"{region.name}-cache"
-    text = cache_config_text(config, region, security_base(config) / name / "admin")
+    text = cache_config_text(config, region, admin_folder(config, name))
     env = {"X509_CERT_DIR": str(data_tls(config).ca_dir), "XrdSecPROTOCOL": "ztn",
            "BEARER_TOKEN_FILE": str(cache_token_file(config))}
     return _xrootd_service(config, name, text, [folder], [cache.xrootd_port],

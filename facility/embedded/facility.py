@@ -20,6 +20,7 @@ from facility.data.servers import (
     cached_regions,
     data_server,
     prepare_data_access,
+    remove_outside_admin_folders,
     served_regions,
 )
 from facility.embedded.services import Service, ServiceState, Supervisor
@@ -80,6 +81,7 @@ def down(config: FacilityConfig, report: Callable[[str], None] = print) -> None:
     for service in [*reversed(data_services(config)), *identity_services(config)]:
         if supervisor.stop(service.name):
             report(f"stopped: {service.name}")
+    remove_outside_admin_folders(config)
 
 
 def status(config: FacilityConfig) -> list[ServiceState]:
