@@ -112,6 +112,9 @@ def test_the_default_values_validate_and_hold_a_valid_facility_configuration() -
     ("facility: {cluster: {kubernetes: {namespace: facility}}}",
      'facility.cluster.kubernetes.namespace ("facility"): set a namespace for users\' servers'),
     ("users: [a--b]", "at '/users/0'"),
+    ("networkPolicy: {operatorNamespace: dask-operator}",
+     "networkPolicy.operatorNamespace (dask-operator) names an operator installed outside"),
+    ("dask-kubernetes-operator: {enabled: false}", "networkPolicy.operatorNamespace: the namespace"),
 ])
 def test_bad_values_are_refused_naming_the_value(build: Path, tmp_path: Path, bad: str,
                                                  message: str) -> None:
@@ -283,7 +286,11 @@ def test_in_user_namespaces_dask_pods_open_to_their_namespace_and_the_operator(b
     policy = named(objects, "NetworkPolicy", "facility-dask", "facility-alice")
     peers = policy["spec"]["ingress"][0]["from"]
     assert peers[0] == {"podSelector": {}}
-    assert peers[1]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "dask-operator"}
+    # the operator the chart deploys, where it deploys it
+    [operator] = [d for d in by_kind(objects, "Deployment") if "operator" in d["metadata"]["name"]]
+    operator_namespace = {"kubernetes.io/metadata.name": operator["metadata"].get("namespace", "facility")}
+    assert selects(peers[1]["namespaceSelector"], operator_namespace)
+    assert selects(peers[1]["podSelector"], operator["spec"]["template"]["metadata"]["labels"])
     scrape = policy["spec"]["ingress"][1]  # monitoring is on: Prometheus, dashboard port only
     prometheus = {"kubernetes.io/metadata.name": "monitoring"}
     assert scrape["from"] == [{"namespaceSelector": {"matchLabels": prometheus}}]

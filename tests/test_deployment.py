@@ -10,8 +10,18 @@ pod of the user's image lands on nodes the pre-puller visits.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import http.server
+import logging
+import os
 import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +29,14 @@ import kubernetes_validate
 import pytest
 import yaml
 from dask.utils import parse_bytes
+from distributed import Client
 
-from facility.cluster.kubernetes import KubernetesBackend
+from facility.cluster.kubernetes import TLS_MOUNT, KubernetesBackend
 from facility.cluster.limits import Identity, WorkerRequest
+from facility.cluster.security import security_from
 from facility.config import FacilityConfig, load_config
 from facility.deploy import chart
+from facility.embedded.services import free_port
 from tests.hub_pod import HubPod, find
 
 REPO = Path(__file__).resolve().parent.parent
@@ -305,3 +318,111 @@ def test_the_chart_needs_the_kubernetes_that_runs_its_admission_policy(build: Pa
         kubernetes_validate.validate(policy, "1.30.0", strict=True)
     with pytest.raises(chart.ChartError, match="kubeVersion"):
         chart.template(build, [MAXIMAL], namespace=RELEASE_NAMESPACE, kube_version="1.29.9")
+
+
+# -- what the operator asks a facility scheduler -----------------------------------------------
+
+
+def _pod_process(container: dict[str, Any], credentials: Path, extra: list[str],
+                 env: dict[str, str]) -> subprocess.Popen:
+    """A container's command as a local process: its own arguments and environment, the TLS
+    Secret's files where it mounts them, ports of this machine's choosing."""
+    argv = [a.replace(TLS_MOUNT, str(credentials)) for a in container["args"]]
+    variables = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    argv = [a.replace("$(DASK_WORKER_NAME)", env.get("DASK_WORKER_NAME", "")) for a in argv]
+    return subprocess.Popen([str(Path(sys.executable).parent / argv[0]), *argv[1:], *extra],
+                            env={**os.environ, **variables, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _await_http(url: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+@pytest.fixture
+def operator_sees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """A scheduler and one worker started exactly as the DaskCluster says (ports aside), and the
+    operator's own functions pointed at them as they would be at the scheduler's Service."""
+    from dask_kubernetes.operator.controller import controller
+
+    (tmp_path / "facility.yaml").write_text(
+        "home: .\ncluster: {backend: kubernetes, kubernetes: {namespace: analysis}}\n")
+    config = load_config(tmp_path / "facility.yaml", environ={})
+    backend = KubernetesBackend(config, "alice-ops", request=WorkerRequest(1, 4, threads=1,
+                                memory=2**30), identity=Identity("alice"), idle_timeout=900)
+    [cluster] = [m for m in backend.manifests(environ={"JUPYTER_IMAGE_SPEC": "user:1"})
+                 if m["kind"] == "DaskCluster"]
+    credentials = backend._credentials_folder()
+    comm, dashboard = free_port(), free_port()
+    scheduler = _pod_process(cluster["spec"]["scheduler"]["spec"]["containers"][0], credentials,
+                             ["--port", str(comm), "--dashboard-address", f"127.0.0.1:{dashboard}"],
+                             {})
+    worker = _pod_process(cluster["spec"]["worker"]["spec"]["containers"][0], credentials,
+                          ["--dashboard-address", f"127.0.0.1:{free_port()}"],
+                          {"DASK_WORKER_NAME": "alice-ops-default-worker-0",
+                           "DASK_SCHEDULER_ADDRESS": f"tls://127.0.0.1:{comm}"})
+
+    async def scheduler_address(service: str, namespace: str, port_name: str = "tcp-comm",
+                                **_: Any) -> str:
+        assert (service, namespace) == ("alice-ops-scheduler", "analysis")
+        return f"tcp://127.0.0.1:{dashboard if port_name == 'http-dashboard' else comm}"
+
+    monkeypatch.setattr(controller, "get_scheduler_address", scheduler_address)
+    try:
+        _await_http(f"http://127.0.0.1:{dashboard}/health")
+        yield {"controller": controller, "worker": worker, "dashboard": dashboard,
+               "security": security_from(credentials), "address": f"tls://127.0.0.1:{comm}"}
+    finally:
+        for process in (worker, scheduler):
+            process.kill()
+            process.wait()
+
+
+def test_the_operator_scales_retires_and_checks_idleness_over_the_schedulers_api(
+        operator_sees: dict[str, Any]) -> None:
+    controller, log = operator_sees["controller"], logging.getLogger("operator")
+    with Client(operator_sees["address"], security=operator_sees["security"], timeout=30) as client:
+        client.wait_for_workers(1, timeout=60)
+    assert asyncio.run(controller.get_desired_workers("alice-ops-scheduler", "analysis")) == 0
+    idle_since = asyncio.run(controller.check_scheduler_idle("alice-ops-scheduler", "analysis", log))
+    assert 0 < time.time() - idle_since < 120
+    retired = asyncio.run(controller.retire_workers(1, "alice-ops-scheduler", "alice-ops-default",
+                                                    "analysis", log))
+    assert retired == ["alice-ops-default-worker-0"]  # gracefully, through the API
+    assert operator_sees["worker"].wait(timeout=60) is not None
+
+
+def test_without_the_api_the_operators_fallback_cannot_reach_a_tls_scheduler(
+        operator_sees: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the operator met before the scheduler served the API: a 404 on the dashboard port,
+    then Dask's RPC over plain TCP, which the TLS scheduler does not speak."""
+    class NotServed(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    controller = operator_sees["controller"]
+    real = controller.get_scheduler_address
+    with http.server.HTTPServer(("127.0.0.1", 0), NotServed) as dashboard:
+        threading.Thread(target=dashboard.serve_forever, daemon=True).start()
+
+        async def without_api(service: str, namespace: str, port_name: str = "tcp-comm",
+                              **kw: Any) -> str:
+            if port_name == "http-dashboard":
+                return f"tcp://127.0.0.1:{dashboard.server_port}"
+            return str(await real(service, namespace, port_name=port_name, **kw))
+
+        monkeypatch.setattr(controller, "get_scheduler_address", without_api)
+        with pytest.raises(controller.SchedulerCommError):
+            asyncio.run(controller.get_desired_workers("alice-ops-scheduler", "analysis"))
+        dashboard.shutdown()

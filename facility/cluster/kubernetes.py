@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dask.config
 from dask_kubernetes.operator.kubecluster.kubecluster import make_cluster_spec
 
 from facility.cluster.base import ClusterBackend, ClusterError, ClusterInfo
@@ -91,6 +92,15 @@ def _tls_args(role: str) -> list[str]:
     return ["--tls-ca-file", f"{TLS_MOUNT}/{FILES['ca']}", "--tls-cert", f"{TLS_MOUNT}/{FILES['cert']}",
             "--tls-key", f"{TLS_MOUNT}/{FILES['key']}"] + (["--protocol", "tls"] if role == "scheduler"
                                                           else [])
+
+
+def _scheduler_http_api() -> dict[str, str]:
+    """The operator scales, retires workers gracefully and enforces ``idleTimeout`` through the
+    scheduler's HTTP API (``/api/v1/adaptive_target``, ``/retire_workers``, ``/check_idle``) on
+    the dashboard port; its fallback, Dask's RPC over plain TCP, cannot reach a TLS scheduler.
+    The network policies open that port to the user's own pods and the operator only."""
+    routes = [*dask.config.get("distributed.scheduler.http.routes"), "distributed.http.scheduler.api"]
+    return {"name": "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES", "value": repr(list(dict.fromkeys(routes)))}
 
 
 def _place(pod: dict, priority_class: str | None, node_selector: dict[str, str],
@@ -159,6 +169,7 @@ class KubernetesBackend(ClusterBackend):
                                               *_tls_args("scheduler")]
         scheduler["containers"][0]["resources"] = {"requests": {"cpu": "1", "memory": "2Gi"},
                                                    "limits": {"memory": "2Gi"}}
+        scheduler["containers"][0].setdefault("env", []).append(_scheduler_http_api())
         worker = spec["worker"]["spec"]
         worker["containers"][0]["args"] = [
             "dask", "worker", "--name", "$(DASK_WORKER_NAME)", "--nthreads", str(request.threads),

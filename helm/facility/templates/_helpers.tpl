@@ -43,6 +43,16 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- toYaml (mergeOverwrite (deepCopy $.Values.facility) $pinned) -}}
 {{- end }}
 
+{{- /* Where the dask-kubernetes operator runs: the release namespace when this chart deploys
+       it, else the namespace it was installed in (networkPolicy.operatorNamespace). */}}
 {{- define "facility.operatorNamespace" -}}
-{{- .Values.networkPolicy.operatorNamespace | default .Release.Namespace -}}
+{{- $given := .Values.networkPolicy.operatorNamespace -}}
+{{- if (index .Values "dask-kubernetes-operator").enabled -}}
+{{- if and $given (ne $given .Release.Namespace) -}}
+{{- fail (printf "networkPolicy.operatorNamespace (%s) names an operator installed outside this chart, but dask-kubernetes-operator.enabled deploys it in %s: unset one of them" $given .Release.Namespace) -}}
+{{- end -}}
+{{- .Release.Namespace -}}
+{{- else -}}
+{{- required "networkPolicy.operatorNamespace: the namespace of the dask-kubernetes operator installed outside this chart (dask-kubernetes-operator.enabled is false)" $given -}}
+{{- end -}}
 {{- end }}
