@@ -423,6 +423,17 @@ def test_the_images_extra_requirements_resolve_against_the_tested_pins(tmp_path:
     assert {name: resolved[name] for name in wanted} == wanted
     tested = pinned(REPO / "constraints.txt")
     assert {n: v for n, v in resolved.items() if n in tested and tested[n] != v} == {}
+    # nothing an image installs is left to whatever the index has that day
+    assert {n: v for n, v in resolved.items() if n not in tested and n not in wanted} == {}
+
+
+def test_the_gpu_image_adds_the_headers_of_its_own_cuda_release() -> None:
+    dockerfile = (IMAGES / "user-gpu" / "Dockerfile").read_text()
+    [base] = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM ")]
+    major, minor = base.split(":")[1].split(".")[:2]
+    assert "-runtime-" in base
+    for package in ("cuda-cudart-dev", "cuda-nvrtc-dev"):
+        assert f"{package}-{major}-{minor}" in dockerfile
 
 
 # -- the admission policy, evaluated with a CEL interpreter -------------------------------------
