@@ -38,6 +38,7 @@ from facility.config import FacilityConfig, load_config
 from facility.deploy import chart
 from facility.embedded.services import free_port
 from tests.hub_pod import HubPod, find
+from tests.network_policy import Endpoint, Network
 
 REPO = Path(__file__).resolve().parent.parent
 CI_VALUES = REPO / "helm" / "facility" / "ci"
@@ -83,7 +84,8 @@ def deployment(request: pytest.FixtureRequest, build: Path,
     objects = chart.template(build, [values, endpoints], namespace=RELEASE_NAMESPACE)
     hub = HubPod(objects, RELEASE_NAMESPACE, folder / "pod")
     spawned = hub.spawn(servers, secrets_outside={"facility-vo-client": "made-by-the-operator"})
-    return {"objects": objects, "requests": servers, **spawned}
+    site_cidrs = bool(yaml.safe_load(values.read_text())["networkPolicy"].get("allowedCIDRs"))
+    return {"objects": objects, "requests": servers, "site_cidrs": site_cidrs, **spawned}
 
 
 # -- Kubernetes semantics the checks need ------------------------------------------------------
@@ -426,3 +428,86 @@ def test_without_the_api_the_operators_fallback_cannot_reach_a_tls_scheduler(
         with pytest.raises(controller.SchedulerCommError):
             asyncio.run(controller.get_desired_workers("alice-ops-scheduler", "analysis"))
         dashboard.shutdown()
+
+
+# -- who reaches whom --------------------------------------------------------------------------
+
+OUTSIDE = {"data server on the internet": "203.0.113.10",
+           "cloud metadata server": "169.254.169.254",
+           "a service of the cluster": "10.96.0.42",
+           "a node of the cluster": "192.168.1.7",
+           "the Kubernetes API server": "172.20.0.10",
+           "the site's XCache": "10.20.30.40"}
+
+
+def _network(objects: list[dict[str, Any]]) -> Network:
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    for policy in policies:
+        policy["metadata"].setdefault("namespace", RELEASE_NAMESPACE)
+    labels = {o["metadata"]["name"]: o["metadata"].get("labels", {})
+              for o in objects if o["kind"] == "Namespace"}
+    return Network(policies, labels)
+
+
+def _release_pod(objects: list[dict[str, Any]], name: str, **ports: int) -> Endpoint:
+    template = find(objects, "Deployment", name, RELEASE_NAMESPACE)["spec"]["template"]
+    return Endpoint(RELEASE_NAMESPACE, template["metadata"]["labels"], ports)
+
+
+def _dask(config_home: Path, objects: list[dict[str, Any]], namespace: str,
+          user: str) -> dict[str, Endpoint]:
+    config_map = find(objects, "ConfigMap", "facility-config", namespace)
+    (config_home / "facility.yaml").write_text(config_map["data"]["facility.yaml"])
+    config = load_config(config_home / "facility.yaml", environ={})
+    config.home = config_home
+    backend = KubernetesBackend(config, f"{user}-zpeak", request=WorkerRequest(1, 2, threads=1,
+                                memory=2**30), identity=Identity(user, ("cms",)))
+    [cluster] = [m for m in backend.manifests(environ={"JUPYTER_IMAGE_SPEC": "user:1"})
+                 if m["kind"] == "DaskCluster"]
+    ports = {"tcp-comm": 8786, "http-dashboard": 8787}
+    return {role: Endpoint(namespace, {"dask.org/cluster-name": cluster["metadata"]["name"],
+                                       "dask.org/component": role,
+                                       **cluster["spec"][role]["metadata"]["labels"]}, ports)
+            for role in ("scheduler", "worker")}
+
+
+def test_users_pods_reach_what_they_need_and_nothing_else(deployment: dict[str, Any],
+                                                         tmp_path: Path) -> None:
+    objects, network = deployment["objects"], _network(deployment["objects"])
+    hub = _release_pod(objects, "hub", http=8081)
+    proxy = _release_pod(objects, "proxy")
+    operator = _release_pod(objects, "facility-dask-kubernetes-operator")
+    dns = Endpoint("kube-system", {"k8s-app": "kube-dns"})
+    stranger = Endpoint(RELEASE_NAMESPACE, {"app": "something-else"})
+    for server in deployment["servers"]:
+        user, namespace = server["pod"]["metadata"]["labels"]["hub.jupyter.org/username"], \
+            server["namespace"]
+        me = Endpoint(namespace, server["pod"]["metadata"]["labels"])
+        dask = _dask(tmp_path, objects, namespace, user)
+        assert network.allows(proxy, me, 8888)
+        assert network.allows(hub, me, 8888)
+        assert not network.allows(stranger, me, 8888)
+        assert network.allows(me, hub, 8081)
+        assert network.allows(me, dns, 53, "UDP")
+        assert network.allows(me, dask["scheduler"], 8786)
+        assert network.allows(dask["worker"], dask["scheduler"], 8786)
+        assert network.allows(operator, dask["scheduler"], 8787)
+        for pod in (me, dask["worker"]):
+            reached = {what for what, address in OUTSIDE.items()
+                       if network.allows(pod, Endpoint(address=address), 443)}
+            site = {"the site's XCache"} if deployment["site_cidrs"] else set()
+            assert reached == {"data server on the internet", "the Kubernetes API server", *site}
+        assert not network.allows(me, proxy, 8001)  # the proxy's API: the hub's only
+
+
+def test_users_do_not_reach_each_others_servers_or_clusters(build: Path, tmp_path: Path) -> None:
+    objects = chart.template(build, [MAXIMAL], namespace=RELEASE_NAMESPACE)
+    network = _network(objects)
+    alice = Endpoint("facility-alice", {"component": "singleuser-server",
+                                        "facility.dev/user": "alice"})
+    bob = Endpoint("facility-bob", {"component": "singleuser-server", "facility.dev/user": "bob"})
+    alice_dask = _dask(tmp_path, objects, "facility-alice", "alice")
+    assert network.allows(alice, alice_dask["scheduler"], 8786)
+    assert not network.allows(bob, alice_dask["scheduler"], 8786)
+    assert not network.allows(bob, alice_dask["worker"], 8788)
+    assert not network.allows(bob, alice, 8888)

@@ -64,6 +64,11 @@ def _object(properties: dict[str, Any], description: str) -> dict[str, Any]:
             "properties": properties}
 
 
+def _cidrs(description: str) -> dict[str, Any]:
+    return {"type": "array", "description": description, "items": {
+        "type": "string", "pattern": r"^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$"}}
+
+
 def _quantities(description: str) -> dict[str, Any]:
     return {"type": "object", "description": description,
             "additionalProperties": {"type": ["string", "integer"]}}
@@ -88,8 +93,16 @@ def values_schema() -> dict[str, Any]:
             "limitRange": _object(dict.fromkeys(("default", "defaultRequest", "max", "min"), resources),
                                   "container limits in each user's namespace"),
         }, "per-user namespaces (facility.cluster.kubernetes.user_namespace_template)"),
-        "networkPolicy": _object({"operatorNamespace": {"type": ["string", "null"]}},
-                                 "network policies of the Dask pods"),
+        "networkPolicy": _object({
+            "operatorNamespace": {"type": ["string", "null"]},
+            "dns": _object({"namespace": {"type": "string", "minLength": 1},
+                            "podLabels": {"type": "object", "minProperties": 1,
+                                          "additionalProperties": {"type": "string"}}},
+                           "the cluster's DNS pods"),
+            "apiServerCIDRs": _cidrs("the Kubernetes API server's addresses"),
+            "privateCIDRs": _cidrs("ranges users' pods may not reach"),
+            "allowedCIDRs": _cidrs("addresses inside privateCIDRs users' pods may reach"),
+        }, "network policies of users' pods and the Dask pods"),
         "monitoring": _object({"enabled": {"type": "boolean"},
                                "prometheusNamespace": {"type": "string", "minLength": 1},
                                "interval": {"type": "string", "pattern": "^[0-9]+(s|m)$"},
