@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.server
+import json
 import logging
 import os
 import shutil
@@ -220,6 +221,35 @@ def test_server_pods_fit_a_node_pool_and_get_the_profile_resources(
         resources = notebook["resources"]
         assert resources["requests"]["cpu"] == resources["limits"]["cpu"]
         assert ("nvidia.com/gpu" in resources["limits"]) == (request["profile"] == "gpu")
+
+
+def test_servers_get_their_tokens_from_a_secret_of_their_own(deployment: dict[str, Any]) -> None:
+    for server in deployment["servers"]:
+        pod, secret = server["pod"], server["secret"]
+        user = pod["metadata"]["labels"]["hub.jupyter.org/username"]
+        env = container_env(pod)
+        assert f"-of-{user}" not in json.dumps(pod)  # no token anywhere in the pod spec
+        for name in ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN", "FACILITY_ACCESS_TOKEN"):
+            ref = env[name]["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": secret["metadata"]["name"], "key": name}
+        assert base64.b64decode(secret["data"]["JUPYTERHUB_API_TOKEN"]).decode() == \
+            f"hub-token-of-{user}"
+        assert base64.b64decode(secret["data"]["FACILITY_ACCESS_TOKEN"]).decode() == \
+            f"vo-token-of-{user}"
+        assert env["FACILITY_ACCESS_TOKEN_EXPIRES"]["value"] == "4102444800"
+        secret["metadata"]["namespace"] = server["namespace"]
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(secret, version, strict=True)
+
+
+def test_the_hub_writes_server_secrets_without_reading_any(deployment: dict[str, Any]) -> None:
+    objects, hub = deployment["objects"], (RELEASE_NAMESPACE, "hub")
+    for server in deployment["servers"]:
+        for verb in ("create", "patch"):
+            assert allowed(objects, hub, verb, "secrets", server["namespace"])
+        for verb in ("get", "list", "watch"):
+            assert not allowed(objects, hub, verb, "secrets", server["namespace"])
+            assert not allowed(objects, hub, verb, "secrets", None)
 
 
 def test_the_hubs_secrets_reach_pods_by_reference(deployment: dict[str, Any]) -> None:
@@ -511,3 +541,18 @@ def test_users_do_not_reach_each_others_servers_or_clusters(build: Path, tmp_pat
     assert not network.allows(bob, alice_dask["scheduler"], 8786)
     assert not network.allows(bob, alice_dask["worker"], 8788)
     assert not network.allows(bob, alice, 8888)
+
+
+def test_servers_may_read_their_namespaces_pods_but_no_secrets(deployment: dict[str, Any]) -> None:
+    """Owner references of a server's clusters and ``explain()`` read pods; no credentials are in
+    pod specs, so this holds in a shared namespace too."""
+    objects = deployment["objects"]
+    for server in deployment["servers"]:
+        namespace = server["namespace"]
+        account = (namespace, server["pod"]["spec"]["serviceAccountName"])
+        for resource in ("pods", "events"):
+            for verb in ("get", "list", "watch"):
+                assert allowed(objects, account, verb, resource, namespace), (verb, resource)
+        for verb in ("get", "list", "watch"):
+            assert not allowed(objects, account, verb, "secrets", namespace)
+        assert allowed(objects, account, "create", "secrets", namespace)

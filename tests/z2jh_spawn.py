@@ -40,8 +40,15 @@ async def _server(app: JupyterHub, request: dict[str, Any]) -> dict[str, Any]:
     spawner.user_options = {"profile": request["profile"]}
     await spawner.load_user_options()
     spawner.api_token = f"hub-token-of-{request['user']}"
+    # what the VO login leaves in the user's state, and what the hub does with it before a spawn
+    await user.save_auth_state({"access_token": f"vo-token-of-{request['user']}",
+                                "expires_at": 4102444800})
+    await app.authenticator.pre_spawn_start(user, spawner)
     pod = await spawner.get_pod_manifest()
+    secret = spawner.credentials_secret_manifest() \
+        if hasattr(spawner, "credentials_secret_manifest") else None
     return {"pod": ApiClient().sanitize_for_serialization(pod),
+            "secret": ApiClient().sanitize_for_serialization(secret),
             "namespace": spawner.namespace,
             "enable_user_namespaces": spawner.enable_user_namespaces,
             "events_enabled": spawner.events_enabled}

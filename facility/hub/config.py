@@ -165,7 +165,8 @@ def _kube_spawner(c: Any, config: FacilityConfig) -> None:
     from facility.hub.profiles import kubespawner_profiles
     from facility.hub.spawner import user_groups
 
-    c.JupyterHub.spawner_class = "kubespawner.KubeSpawner"
+    # KubeSpawner, with the server's credentials in a Secret (c.KubeSpawner settings apply)
+    c.JupyterHub.spawner_class = "facility.hub.kube.FacilityKubeSpawner"
     spawner = c.KubeSpawner
     # FACILITY_CONFIG of user servers is the chart's: the ConfigMap mounted in their namespace
     _user_server(spawner, config)
