@@ -479,3 +479,33 @@ def test_dask_pods_get_only_their_own_clusters_secrets(build: Path, tmp_path: Pa
     borrowed["spec"]["worker"]["spec"]["serviceAccountName"] = "hub"
     assert admitted(policy, borrowed) == [
         "Dask pods run with the users' service account (facility-user) or none"]
+
+
+def test_the_admission_policy_has_no_side_doors(build: Path, tmp_path: Path) -> None:
+    """Init containers, the legacy ``serviceAccount`` field and CSI secret volumes are checked
+    like the rest; users cannot make a worker group, which could name another user's cluster."""
+    from tests.test_kubernetes import render as cluster_manifests
+
+    objects = render(build, MINIMAL)
+    [policy] = by_kind(objects, "ValidatingAdmissionPolicy")
+    config = FacilityConfig.model_validate(yaml.safe_load(
+        named(objects, "ConfigMap", "facility-config", "facility-users")["data"]["facility.yaml"]))
+    config.home = tmp_path
+    mine = cluster_manifests(config)["DaskCluster"]
+    victim = "bob-zpeak-credentials"  # another cluster's (this one is alice-zpeak)
+
+    init = json.loads(json.dumps(mine))
+    init["spec"]["worker"]["spec"]["initContainers"] = [{"name": "copy", "image": "busybox", "env": [
+        {"name": "STOLEN", "valueFrom": {"secretKeyRef": {"name": victim, "key": "FACILITY_ACCESS_TOKEN"}}}]}]
+    assert admitted(policy, init) == ["a Dask pod's environment may come only from its own cluster's Secrets"]
+    legacy = json.loads(json.dumps(mine))
+    legacy["spec"]["scheduler"]["spec"]["serviceAccount"] = "hub"
+    assert admitted(policy, legacy) == ["Dask pods run with the users' service account (facility-user) or none"]
+    csi = json.loads(json.dumps(mine))
+    csi["spec"]["worker"]["spec"]["volumes"].append({"name": "vault", "csi": {"driver": "secrets-store.csi.k8s.io"}})
+    assert admitted(policy, csi) == [
+        "a Dask pod may mount only its own cluster's Secrets (<cluster>-tls, <cluster>-credentials)"]
+    [role] = [r for r in by_kind(objects, "Role") if r["metadata"]["name"] == "facility-user"]
+    groups = [rule for rule in role["rules"] if "daskworkergroups" in rule["resources"]]
+    assert groups
+    assert all("create" not in rule["verbs"] for rule in groups)
