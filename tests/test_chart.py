@@ -502,7 +502,8 @@ def test_the_admission_policy_has_no_side_doors(build: Path, tmp_path: Path) -> 
     legacy["spec"]["scheduler"]["spec"]["serviceAccount"] = "hub"
     assert admitted(policy, legacy) == ["Dask pods run with the users' service account (facility-user) or none"]
     csi = json.loads(json.dumps(mine))
-    csi["spec"]["worker"]["spec"]["volumes"].append({"name": "vault", "csi": {"driver": "secrets-store.csi.k8s.io"}})
+    csi["spec"]["worker"]["spec"]["volumes"].append(
+        {"name": "vault", "csi": {"driver": "secrets-store.csi.k8s.io"}})
     assert admitted(policy, csi) == [
         "a Dask pod may mount only its own cluster's Secrets (<cluster>-tls, <cluster>-credentials)"]
     [role] = [r for r in by_kind(objects, "Role") if r["metadata"]["name"] == "facility-user"]

@@ -556,3 +556,37 @@ def test_servers_may_read_their_namespaces_pods_but_no_secrets(deployment: dict[
         for verb in ("get", "list", "watch"):
             assert not allowed(objects, account, verb, "secrets", namespace)
         assert allowed(objects, account, "create", "secrets", namespace)
+
+
+# -- TLS presets -------------------------------------------------------------------------------
+
+PRESETS = REPO / "helm" / "facility" / "presets"
+HOSTS = ("jupyterhub: {proxy: {https: {hosts: [hub.facility.example.org], "
+         "letsencrypt: {contactEmail: ops@facility.example.org}}}}")
+
+
+@pytest.mark.parametrize("preset", ["tls-letsencrypt.yaml", "tls-secret.yaml"])
+def test_tls_presets_serve_the_public_address_over_https(build: Path, tmp_path: Path,
+                                                         preset: str) -> None:
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(HOSTS)
+    objects = chart.template(build, [MAXIMAL, PRESETS / preset, hosts], namespace=RELEASE_NAMESPACE)
+    public = find(objects, "Service", "proxy-public", RELEASE_NAMESPACE)
+    assert 443 in [p["port"] for p in public["spec"]["ports"]]
+    for obj in objects:  # what the presets change: the proxy's pods, services and config
+        if obj["apiVersion"] in ("v1", "apps/v1"):
+            kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+    if preset == "tls-letsencrypt.yaml":
+        traefik = find(objects, "Deployment", "autohttps", RELEASE_NAMESPACE)
+        assert traefik["spec"]["template"]["spec"]["containers"]
+    else:
+        proxy = find(objects, "Deployment", "proxy", RELEASE_NAMESPACE)["spec"]["template"]["spec"]
+        assert any(v.get("secret", {}).get("secretName") == "facility-hub-tls"
+                   for v in proxy["volumes"])
+
+
+def test_a_certificate_for_another_host_is_refused(build: Path, tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text("jupyterhub: {proxy: {https: {hosts: [hub.elsewhere.org]}}}")
+    with pytest.raises(chart.ChartError, match=r"must include hub\.facility\.example\.org, the host"):
+        chart.template(build, [MAXIMAL, PRESETS / "tls-secret.yaml", hosts], namespace=RELEASE_NAMESPACE)
