@@ -27,6 +27,7 @@ from facility.cluster.limits import Identity, WorkerRequest
 from facility.config import FacilityConfig
 from facility.deploy import chart
 from facility.hub.authenticator import VOAuthenticator
+from tests.network_policy import selects
 
 REPO = Path(__file__).resolve().parent.parent
 CI_VALUES = REPO / "helm" / "facility" / "ci"
@@ -66,19 +67,6 @@ def named(objects: list[dict[str, Any]], kind: str, name: str, namespace: str | 
     [found] = [o for o in by_kind(objects, kind) if o["metadata"]["name"] == name
                and namespace in (None, o["metadata"].get("namespace"))]
     return found
-
-
-def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    """Kubernetes label selector semantics (matchLabels and matchExpressions)."""
-    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
-        return False
-    for expr in selector.get("matchExpressions", []):
-        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
-        if (op == "Exists" and key not in labels) or (op == "DoesNotExist" and key in labels) or \
-                (op == "In" and labels.get(key) not in values) or \
-                (op == "NotIn" and key in labels and labels[key] in values):
-            return False
-    return True
 
 
 # -- the schema --------------------------------------------------------------------------------

@@ -279,29 +279,29 @@ def test_the_jupyterhub_chart_is_taken_from_the_kept_packages(tmp_path: Path) ->
 # -- Dask pods, placeholders and the pre-puller on the node pools ------------------------------
 
 
-def _dask_pods(objects: list[dict[str, Any]], namespace: str, home: Path,
-               gpus: int) -> dict[str, dict[str, Any]]:
-    """The scheduler and worker pods the kubernetes backend makes from the configuration the
-    chart gives the user's namespace."""
+def _cluster(objects: list[dict[str, Any]], namespace: str, home: Path, user: str,
+             gpus: int = 0) -> dict[str, Any]:
+    """The DaskCluster the kubernetes backend makes from the configuration the chart gives the
+    user's namespace."""
     config_map = find(objects, "ConfigMap", "facility-config", namespace)
     (home / "facility.yaml").write_text(config_map["data"]["facility.yaml"])
     config = load_config(home / "facility.yaml", environ={})
     config.home = home
     request = WorkerRequest(1, 4, threads=2, memory=8 * 2**30, gpus=gpus)
-    backend = KubernetesBackend(config, f"alice-{gpus}", request=request,
-                                identity=Identity("alice", ("cms",)), idle_timeout=900)
+    backend = KubernetesBackend(config, f"{user}-zpeak", request=request,
+                                identity=Identity(user, ("cms",)), idle_timeout=900)
     [cluster] = [m for m in backend.manifests(environ={"JUPYTER_IMAGE_SPEC": "user:1"})
                  if m["kind"] == "DaskCluster"]
-    return {role: cluster["spec"][role] for role in ("scheduler", "worker")}
+    return cluster
 
 
 @pytest.mark.parametrize(("gpus", "worker_pool"), [(0, "spot"), (1, "gpu")])
 def test_dask_pods_fit_their_node_pools(build: Path, tmp_path: Path, gpus: int,
                                         worker_pool: str) -> None:
     objects = chart.template(build, [MAXIMAL], namespace=RELEASE_NAMESPACE)
-    pods = _dask_pods(objects, "facility-alice", tmp_path, gpus)
-    assert pools_for(pods["scheduler"]) == ["regular"]
-    assert pools_for(pods["worker"]) == [worker_pool]
+    cluster = _cluster(objects, "facility-alice", tmp_path, "alice", gpus)
+    assert pools_for(cluster["spec"]["scheduler"]["spec"]) == ["regular"]
+    assert pools_for(cluster["spec"]["worker"]["spec"]) == [worker_pool]
 
 
 def test_the_pre_puller_visits_every_pool_the_user_image_runs_on(build: Path) -> None:
@@ -484,16 +484,10 @@ def _release_pod(objects: list[dict[str, Any]], name: str, **ports: int) -> Endp
     return Endpoint(RELEASE_NAMESPACE, template["metadata"]["labels"], ports)
 
 
-def _dask(config_home: Path, objects: list[dict[str, Any]], namespace: str,
+def _dask(home: Path, objects: list[dict[str, Any]], namespace: str,
           user: str) -> dict[str, Endpoint]:
-    config_map = find(objects, "ConfigMap", "facility-config", namespace)
-    (config_home / "facility.yaml").write_text(config_map["data"]["facility.yaml"])
-    config = load_config(config_home / "facility.yaml", environ={})
-    config.home = config_home
-    backend = KubernetesBackend(config, f"{user}-zpeak", request=WorkerRequest(1, 2, threads=1,
-                                memory=2**30), identity=Identity(user, ("cms",)))
-    [cluster] = [m for m in backend.manifests(environ={"JUPYTER_IMAGE_SPEC": "user:1"})
-                 if m["kind"] == "DaskCluster"]
+    """A user's scheduler and worker as the network sees them: labels and named ports."""
+    cluster = _cluster(objects, namespace, home, user)
     ports = {"tcp-comm": 8786, "http-dashboard": 8787}
     return {role: Endpoint(namespace, {"dask.org/cluster-name": cluster["metadata"]["name"],
                                        "dask.org/component": role,
