@@ -362,7 +362,8 @@ facility:
     assert gpu["image"] == "registry.example.org/facility/user-gpu:0.1.0"
     assert gpu["extra_resource_limits"] == {"nvidia.com/gpu": "1"}
     services = {s["name"]: s for s in c.JupyterHub.services}
-    assert set(services) == {"other-service", "idle-culler"}
+    assert set(services) == {"other-service", "idle-culler", "config-watch"}
+    assert services["config-watch"]["command"][-4:] == ["--file", str(config_file), "--every", "30"]
     assert "--timeout=7200" in services["idle-culler"]["command"]
     assert presets["cull"]["enabled"] is False  # the facility's culler, not a second one
 

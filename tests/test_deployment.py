@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -86,7 +87,7 @@ def deployment(request: pytest.FixtureRequest, build: Path,
     hub = HubPod(objects, RELEASE_NAMESPACE, folder / "pod")
     spawned = hub.spawn(servers, secrets_outside={"facility-vo-client": "made-by-the-operator"})
     site_cidrs = bool(yaml.safe_load(values.read_text())["networkPolicy"].get("allowedCIDRs"))
-    return {"objects": objects, "requests": servers, "site_cidrs": site_cidrs, **spawned}
+    return {"objects": objects, "requests": servers, "site_cidrs": site_cidrs, "hub": hub, **spawned}
 
 
 # -- Kubernetes semantics the checks need ------------------------------------------------------
@@ -584,3 +585,34 @@ def test_a_certificate_for_another_host_is_refused(build: Path, tmp_path: Path) 
     hosts.write_text("jupyterhub: {proxy: {https: {hosts: [hub.elsewhere.org]}}}")
     with pytest.raises(chart.ChartError, match=r"must include hub\.facility\.example\.org, the host"):
         chart.template(build, [MAXIMAL, PRESETS / "tls-secret.yaml", hosts], namespace=RELEASE_NAMESPACE)
+
+
+# -- a new configuration reaches the hub -------------------------------------------------------
+
+
+def test_the_hub_watches_the_configuration_it_mounts(deployment: dict[str, Any]) -> None:
+    watcher = deployment["services"]["config-watch"]
+    hub: HubPod = deployment["hub"]
+    mounted = hub.environment({"facility-vo-client": "x"})["FACILITY_CONFIG"]
+    assert watcher["command"][1:5] == ["-m", "facility.hub.config_watch", "--file", mounted]
+    volumes = {v["name"]: v for v in hub.spec["volumes"]}
+    [mount] = [m for m in hub.container["volumeMounts"] if m["mountPath"] == "/etc/facility"]
+    assert "subPath" not in mount  # a folder mount: Kubernetes updates the file in place
+    assert volumes[mount["name"]]["configMap"]["name"] == "facility-config"
+
+
+def test_a_changed_configuration_stops_the_hub_and_the_same_one_does_not(tmp_path: Path) -> None:
+    config = tmp_path / "facility.yaml"
+    config.write_text("hub: {idle_culler_timeout: 3600}\n")
+    watch = f"{sys.executable} -m facility.hub.config_watch --file {config} --every 0.1"
+    hub = subprocess.Popen(["sh", "-c", f"{watch} & wait"])  # the watcher's parent, as the hub
+    try:
+        time.sleep(1.0)
+        config.write_text(config.read_text())  # rewritten, same content
+        time.sleep(1.0)
+        assert hub.poll() is None
+        config.write_text("hub: {idle_culler_timeout: 7200}\n")
+        assert hub.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        hub.kill()
+        hub.wait()

@@ -58,7 +58,8 @@ async def main(config_file: str, requests: list[dict[str, Any]]) -> None:
     app = JupyterHub.instance(config_file=config_file)
     await app.initialize([])
     servers = [await _server(app, request) for request in requests]
-    print(json.dumps({"hub_api_url": app.hub.api_url, "servers": servers}))
+    services = {s["name"]: s for s in app.services}
+    print(json.dumps({"hub_api_url": app.hub.api_url, "servers": servers, "services": services}))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ DISCOVERY_PATH = "/.well-known/openid-configuration"
 CULLER_SCOPES = ["list:users", "read:users:activity", "read:servers", "delete:servers"]
 SERVER_SCOPES = ["users:activity!user", "access:servers!server", "admin:auth_state!user"]
 TOKEN_FILE = ".facility/token"
+# how often the hub on Kubernetes looks for a new configuration (facility.hub.config_watch)
+CONFIG_WATCH_SECONDS = 30
 
 
 class HubConfigError(UsageError, RuntimeError):
@@ -109,6 +111,7 @@ def configure(c: Any, config: FacilityConfig | None = None, *,
         f"--url=http://127.0.0.1:{config.hub.hub_port}/hub/api"]}])
     if spawner == "kubernetes":
         _kube_spawner(c, config)
+        _restart_on_new_configuration(c, config_file or Path(env.get(CONFIG_ENV, "")))
     else:
         _local_spawner(c, config, config_file)
 
@@ -185,6 +188,15 @@ def _kube_spawner(c: Any, config: FacilityConfig) -> None:
             "FACILITY_CLUSTER__KUBERNETES__NAMESPACE": lambda s: s.namespace})
     else:
         spawner.namespace = config.cluster.kubernetes.namespace
+
+
+def _restart_on_new_configuration(c: Any, config_file: Path) -> None:
+    """The hub reads its configuration once; a service of its own restarts it when the mounted
+    file changes (see :mod:`facility.hub.config_watch`)."""
+    if config_file.is_file():
+        _extend(c.JupyterHub, "services", [{"name": "config-watch", "command": [
+            sys.executable, "-m", "facility.hub.config_watch", "--file", str(config_file),
+            "--every", str(CONFIG_WATCH_SECONDS)]}])
 
 
 def _hub_reachable_from_other_namespaces(c: Any) -> None:
