@@ -616,3 +616,23 @@ def test_a_changed_configuration_stops_the_hub_and_the_same_one_does_not(tmp_pat
     finally:
         hub.kill()
         hub.wait()
+
+
+def test_an_operators_pod_hook_runs_after_the_one_that_writes_the_secret() -> None:
+    from facility.hub import kube
+
+    calls: list[str] = []
+
+    async def ours(spawner: Any, pod: dict[str, Any]) -> dict[str, Any]:
+        calls.append("secret")
+        return {**pod, "secret": True}
+
+    def theirs(spawner: Any, pod: dict[str, Any]) -> dict[str, Any]:
+        calls.append(f"operator saw secret={pod['secret']}")
+        return {**pod, "operator": True}
+
+    both = kube._then(ours, theirs)
+    assert asyncio.run(both(None, {})) == {"secret": True, "operator": True}
+    assert calls == ["secret", "operator saw secret=True"]
+    assert kube._then(ours, None) is ours
+    assert kube._then(ours, both) is both  # not wrapped twice

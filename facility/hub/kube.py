@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from jupyterhub.utils import maybe_future
 from kubernetes_asyncio.client import (
     V1EnvVarSource,
     V1ObjectMeta,
@@ -22,7 +23,7 @@ from kubernetes_asyncio.client import (
 from kubernetes_asyncio.client.rest import ApiException
 from kubespawner import KubeSpawner
 from kubespawner.objects import make_owner_reference
-from traitlets import List, Unicode, default
+from traitlets import List, Unicode, default, validate
 
 HTTP_CONFLICT = 409
 
@@ -63,13 +64,38 @@ class FacilityKubeSpawner(KubeSpawner):
                         metadata=V1ObjectMeta(name=self.credentials_secret_name, labels=labels,
                                               owner_references=owners))
 
+    # the Secret's hooks run whatever an operator configures: theirs come after
     @default("modify_pod_hook")
     def _write_credentials_first(self) -> Any:
         return _write_credentials
 
+    @validate("modify_pod_hook")
+    def _keep_writing_credentials(self, proposal: Any) -> Any:
+        return _then(_write_credentials, proposal["value"])
+
     @default("after_pod_created_hook")
     def _give_credentials_to_the_pod(self) -> Any:
         return _own_credentials
+
+    @validate("after_pod_created_hook")
+    def _keep_giving_credentials(self, proposal: Any) -> Any:
+        return _then(_own_credentials, proposal["value"])
+
+
+def _then(ours: Any, theirs: Any) -> Any:
+    """A hook that runs ours, then theirs (KubeSpawner's hooks take the spawner and the pod)."""
+    if theirs is None or theirs is ours:
+        return ours
+    if getattr(theirs, "facility_hook", False):  # already both
+        return theirs
+
+    async def both(spawner: Any, pod: Any) -> Any:
+        result = await ours(spawner, pod)
+        answer = await maybe_future(theirs(spawner, pod if result is None else result))
+        return result if answer is None else answer
+
+    both.facility_hook = True  # type: ignore[attr-defined]
+    return both
 
 
 async def _write_credentials(spawner: FacilityKubeSpawner, pod: Any) -> Any:
