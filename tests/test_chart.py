@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 CI_VALUES = REPO / "helm" / "facility" / "ci"
 MINIMAL, MAXIMAL = CI_VALUES / "minimal-values.yaml", CI_VALUES / "maximal-values.yaml"
 K8S_VERSION = "1.37.0"
+# the oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest
+K8S_VERSIONS = ("1.30.0", K8S_VERSION)
 # the cluster autoscaler's default --expendable-pods-priority-cutoff: pending pods of a lower
 # priority never make it add a node
 AUTOSCALER_CUTOFF = -10
@@ -135,7 +137,8 @@ def test_every_rendered_object_validates(build: Path, values: Path) -> None:
         elif group == "monitoring.coreos.com":
             assert_prometheus_monitor(obj)
         else:
-            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            for version in K8S_VERSIONS:
+                kubernetes_validate.validate(obj, version, strict=True)
     assert {"ConfigMap", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy", "PriorityClass",
             "Deployment"} <= kinds
 

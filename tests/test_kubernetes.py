@@ -74,7 +74,8 @@ def render(config: FacilityConfig, gpus: int = 0) -> dict[str, dict[str, Any]]:
 
 
 def validate_k8s(obj: dict[str, Any]) -> None:
-    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    for version in ("1.30.0", K8S_VERSION):  # the oldest the chart supports, the newest
+        kubernetes_validate.validate(obj, version, strict=True)
 
 
 def pod(spec: dict[str, Any], name: str) -> dict[str, Any]:
