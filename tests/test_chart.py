@@ -32,6 +32,7 @@ from tests.network_policy import selects
 REPO = Path(__file__).resolve().parent.parent
 CI_VALUES = REPO / "helm" / "facility" / "ci"
 MINIMAL, MAXIMAL = CI_VALUES / "minimal-values.yaml", CI_VALUES / "maximal-values.yaml"
+SHARED = CI_VALUES / "shared-namespace-values.yaml"  # with MINIMAL: every user in one namespace
 K8S_VERSION = "1.37.0"
 # the oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest
 K8S_VERSIONS = ("1.30.0", K8S_VERSION)
@@ -99,7 +100,7 @@ def test_the_default_values_validate_and_hold_a_valid_facility_configuration() -
     ("jupyterhubb: {}", "additional properties 'jupyterhubb' not allowed"),
     ("facility: {hub: {vo: {issuer: null}}}", "facility.hub.vo.issuer: set the VO's OpenID issuer URL"),
     ("voClient: {secret: ''}", "voClient.secret: the hub's client secret"),
-    ("facility: {cluster: {kubernetes: {namespace: facility}}}",
+    ("facility: {cluster: {kubernetes: {namespace: facility, user_namespace_template: null}}}",
      'facility.cluster.kubernetes.namespace ("facility"): set a namespace for users\' servers'),
     ("users: [a--b]", "at '/users/0'"),
     ("networkPolicy: {operatorNamespace: dask-operator}",
@@ -184,27 +185,27 @@ def test_make_chart_writes_the_maximal_manifests(tmp_path: Path) -> None:
 
 def test_users_may_manage_only_dask_objects_of_their_namespace(build: Path) -> None:
     objects = render(build, MAXIMAL)
-    roles = [r for r in by_kind(objects, "Role") if r["metadata"]["name"] == "facility-user"]
-    assert {r["metadata"]["namespace"] for r in roles} == {"facility-alice", "facility-bob"}
-    for role in roles:
-        for rule in role["rules"]:
-            assert "*" not in rule["apiGroups"] + rule["resources"] + rule["verbs"]
-            written = set(rule["verbs"]) & WRITE_VERBS
-            if rule["apiGroups"] == ["kubernetes.dask.org"]:
-                assert set(rule["resources"]) <= DASK_KINDS
-            elif written:  # a cluster's TLS keys and credentials: made and removed, never read
-                assert rule["resources"] == ["secrets"]
-                assert set(rule["verbs"]) == {"create", "delete"}
-    assert roles[0]["rules"][-1]["resources"] == ["pods", "pods/log", "events"]  # their own only
-    shared = [r for r in by_kind(render(build, MINIMAL), "Role") if r["metadata"]["name"] == "facility-user"]
-    assert [r["metadata"]["namespace"] for r in shared] == ["facility-users"]
+    [role] = [r for r in by_kind(objects, "ClusterRole") if r["metadata"]["name"] == "facility-facility-user"]
+    for rule in role["rules"]:
+        assert "*" not in rule["apiGroups"] + rule["resources"] + rule["verbs"]
+        written = set(rule["verbs"]) & WRITE_VERBS
+        if rule["apiGroups"] == ["kubernetes.dask.org"]:
+            assert set(rule["resources"]) <= DASK_KINDS
+        elif written:  # a cluster's TLS keys and credentials: made and removed, never read
+            assert rule["resources"] == ["secrets"]
+            assert set(rule["verbs"]) == {"create", "delete"}
+    assert role["rules"][-1]["resources"] == ["pods", "pods/log", "events"]
+    # granted only inside users' namespaces, each to that namespace's own account
     users_bindings = [b for b in by_kind(objects, "RoleBinding") + by_kind(objects, "ClusterRoleBinding")
-                      if any(s["name"] == "facility-user" for s in b["subjects"])]
+                      if b["roleRef"]["name"] == "facility-facility-user"]
     assert {b["kind"] for b in users_bindings} == {"RoleBinding"}
+    assert {b["metadata"]["namespace"] for b in users_bindings} == {"facility-alice", "facility-bob"}
     for binding in users_bindings:
-        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                      "name": "facility-user"}
-        assert binding["subjects"][0]["namespace"] == binding["metadata"]["namespace"]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "facility-user",
+                                        "namespace": binding["metadata"]["namespace"]}]
+    shared = [b for b in by_kind(render(build, MINIMAL, SHARED), "RoleBinding")
+              if b["roleRef"]["name"] == "facility-facility-user"]
+    assert [b["metadata"]["namespace"] for b in shared] == ["facility-users"]
 
 
 def test_each_user_namespace_has_quota_limits_and_the_configuration(build: Path) -> None:
@@ -248,7 +249,7 @@ def reaches(policy: dict[str, Any], source: dict[str, str]) -> bool:
 
 def test_a_users_schedulers_open_only_to_their_own_pods_in_a_shared_namespace(
         build: Path, tmp_path: Path) -> None:
-    objects = render(build, MINIMAL, values_file(tmp_path, "users: [alice, bob]"))
+    objects = render(build, MINIMAL, SHARED, values_file(tmp_path, "users: [alice, bob]"))
     config = FacilityConfig.model_validate(yaml.safe_load(
         named(objects, "ConfigMap", "facility-config", "facility-users")["data"]["facility.yaml"]))
     assert config.cluster.kubernetes.namespace == "facility-users"
@@ -451,7 +452,7 @@ def test_dask_pods_get_only_their_own_clusters_secrets(build: Path, tmp_path: Pa
     from tests.test_batch import daskjob_manifests
     from tests.test_kubernetes import render as cluster_manifests
 
-    objects = render(build, MINIMAL)
+    objects = render(build, MINIMAL, SHARED)
     [policy] = by_kind(objects, "ValidatingAdmissionPolicy")
     [binding] = by_kind(objects, "ValidatingAdmissionPolicyBinding")
     assert binding["spec"]["validationActions"] == ["Deny"]
@@ -478,7 +479,7 @@ def test_the_admission_policy_has_no_side_doors(build: Path, tmp_path: Path) -> 
     like the rest; users cannot make a worker group, which could name another user's cluster."""
     from tests.test_kubernetes import render as cluster_manifests
 
-    objects = render(build, MINIMAL)
+    objects = render(build, MINIMAL, SHARED)
     [policy] = by_kind(objects, "ValidatingAdmissionPolicy")
     config = FacilityConfig.model_validate(yaml.safe_load(
         named(objects, "ConfigMap", "facility-config", "facility-users")["data"]["facility.yaml"]))
@@ -498,7 +499,7 @@ def test_the_admission_policy_has_no_side_doors(build: Path, tmp_path: Path) -> 
         {"name": "vault", "csi": {"driver": "secrets-store.csi.k8s.io"}})
     assert admitted(policy, csi) == [
         "a Dask pod may mount only its own cluster's Secrets (<cluster>-tls, <cluster>-credentials)"]
-    [role] = [r for r in by_kind(objects, "Role") if r["metadata"]["name"] == "facility-user"]
+    [role] = [r for r in by_kind(objects, "ClusterRole") if r["metadata"]["name"] == "facility-facility-user"]
     groups = [rule for rule in role["rules"] if "daskworkergroups" in rule["resources"]]
     assert groups
     assert all("create" not in rule["verbs"] for rule in groups)

@@ -45,6 +45,7 @@ from tests.network_policy import Endpoint, Network
 REPO = Path(__file__).resolve().parent.parent
 CI_VALUES = REPO / "helm" / "facility" / "ci"
 MINIMAL, MAXIMAL = CI_VALUES / "minimal-values.yaml", CI_VALUES / "maximal-values.yaml"
+SHARED = CI_VALUES / "shared-namespace-values.yaml"
 NODE_POOLS = yaml.safe_load((CI_VALUES / "node-pools.yaml").read_text())
 RELEASE_NAMESPACE = "facility"
 K8S_VERSIONS = ("1.30.0", "1.37.0")
@@ -58,11 +59,13 @@ facility:
       userinfo_url: https://iam.example.org/userinfo
 """
 LAYOUTS = {
-    "own namespaces": (MAXIMAL, [
+    "own namespaces": ([MAXIMAL], [
         {"user": "alice", "groups": ["cms"], "profile": "cpu-small"},
         {"user": "alice", "groups": ["cms"], "profile": "cpu-large"},
         {"user": "bob", "groups": ["cms", "cms/gpu"], "profile": "gpu"}]),
-    "shared namespace": (MINIMAL, [
+    "namespace made by the hub": ([MINIMAL], [
+        {"user": "dave", "groups": ["cms"], "profile": "cpu-small"}]),
+    "shared namespace": ([MINIMAL, SHARED], [
         {"user": "carol", "groups": ["cms"], "profile": "cpu-small"}]),
 }
 
@@ -83,10 +86,14 @@ def deployment(request: pytest.FixtureRequest, build: Path,
     folder = tmp_path_factory.mktemp("hub")
     endpoints = folder / "endpoints.yaml"
     endpoints.write_text(ENDPOINTS)
-    objects = chart.template(build, [values, endpoints], namespace=RELEASE_NAMESPACE)
+    objects = chart.template(build, [*values, endpoints], namespace=RELEASE_NAMESPACE)
     hub = HubPod(objects, RELEASE_NAMESPACE, folder / "pod")
     spawned = hub.spawn(servers, secrets_outside={"facility-vo-client": "made-by-the-operator"})
-    site_cidrs = bool(yaml.safe_load(values.read_text())["networkPolicy"].get("allowedCIDRs"))
+    for server in spawned["servers"]:  # what the hub makes before a server in a new namespace
+        if not [o for o in objects if o["kind"] == "Namespace"
+                and o["metadata"]["name"] == server["namespace"]]:
+            objects += _hub_objects(objects, server["pod"]["metadata"]["labels"]["facility.dev/user"])
+    site_cidrs = bool(yaml.safe_load(values[0].read_text())["networkPolicy"].get("allowedCIDRs"))
     return {"objects": objects, "requests": servers, "site_cidrs": site_cidrs, "hub": hub, **spawned}
 
 
@@ -115,12 +122,15 @@ def namespace_of(obj: dict[str, Any]) -> str:
 
 
 def allowed(objects: list[dict[str, Any]], account: tuple[str, str], verb: str, resource: str,
-            namespace: str | None) -> bool:
-    """RBAC: may the service account (namespace, name) ``verb`` the ``resource`` in
-    ``namespace`` (None: in all namespaces at once, which only a ClusterRoleBinding grants)?"""
+            namespace: str | None, group: str = "", name: str | None = None) -> bool:
+    """RBAC: may the service account (namespace, name) ``verb`` the ``resource`` (of API
+    ``group``, the object ``name``) in ``namespace`` (None: in all namespaces at once, which
+    only a ClusterRoleBinding grants)?"""
     def grants(role: dict[str, Any]) -> bool:
         return any(resource in rule.get("resources", []) and verb in rule.get("verbs", [])
-                   and "" in rule.get("apiGroups", []) for rule in role.get("rules", []))
+                   and group in rule.get("apiGroups", [])
+                   and ("resourceNames" not in rule or name in rule["resourceNames"])
+                   for rule in role.get("rules", []))
 
     for binding in objects:
         if binding["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
@@ -636,3 +646,93 @@ def test_an_operators_pod_hook_runs_after_the_one_that_writes_the_secret() -> No
     assert calls == ["secret", "operator saw secret=True"]
     assert kube._then(ours, None) is ours
     assert kube._then(ours, both) is both  # not wrapped twice
+
+
+# -- a user the chart does not list ------------------------------------------------------------
+
+
+RESOURCES = {"Namespace": "namespaces", "ServiceAccount": "serviceaccounts", "ConfigMap": "configmaps",
+             "ResourceQuota": "resourcequotas", "LimitRange": "limitranges",
+             "NetworkPolicy": "networkpolicies", "RoleBinding": "rolebindings"}
+
+
+def _in_namespace(objects: list[dict[str, Any]], namespace: str) -> list[dict[str, Any]]:
+    return sorted((o for o in objects if o["metadata"].get("namespace") == namespace
+                   or (o["kind"] == "Namespace" and o["metadata"]["name"] == namespace)),
+                  key=lambda o: (o["kind"], o["metadata"]["name"]))
+
+
+def _hub_objects(objects: list[dict[str, Any]], user: str) -> list[dict[str, Any]]:
+    from facility.hub.kube import namespace_objects
+
+    text = find(objects, "ConfigMap", "facility-config", RELEASE_NAMESPACE)["data"]["user-namespace.yaml"]
+    return sorted(namespace_objects(text, user), key=lambda o: (o["kind"], o["metadata"]["name"]))
+
+
+def test_the_hub_makes_a_users_namespace_as_the_chart_does(build: Path) -> None:
+    objects = chart.template(build, [MAXIMAL], namespace=RELEASE_NAMESPACE)
+    assert _hub_objects(objects, "alice") == _in_namespace(objects, "facility-alice")
+
+
+def test_the_hub_may_make_an_unlisted_users_namespace_and_only_users_namespaces(
+        build: Path) -> None:
+    objects = chart.template(build, [MAXIMAL], namespace=RELEASE_NAMESPACE)
+    carol, hub = _hub_objects(objects, "carol"), (RELEASE_NAMESPACE, "hub")
+    assert {o["metadata"].get("namespace", "facility-carol") for o in carol} == {"facility-carol"}
+    for obj in carol:
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+        group = obj["apiVersion"].rpartition("/")[0]
+        where = None if obj["kind"] == "Namespace" else "facility-carol"
+        assert allowed(objects, hub, "create", RESOURCES[obj["kind"]], where, group), obj["kind"]
+        if obj["kind"] == "RoleBinding":  # granting a role needs the right to bind it
+            assert allowed(objects, hub, "bind", "clusterroles", "facility-carol",
+                           "rbac.authorization.k8s.io", obj["roleRef"]["name"])
+    assert not allowed(objects, hub, "bind", "clusterroles", None, "rbac.authorization.k8s.io",
+                       "cluster-admin")
+    [policy] = [p for p in objects if p["kind"] == "ValidatingAdmissionPolicy"
+                and p["metadata"]["name"].endswith("hub-namespaces")]
+    namespace = next(o for o in carol if o["kind"] == "Namespace")
+    account = next(o for o in carol if o["kind"] == "ServiceAccount")
+    assert admitted_by_hub(policy, namespace, None) == []
+    assert admitted_by_hub(policy, account, namespace) == []
+    elsewhere = {**account, "metadata": {**account["metadata"], "namespace": "kube-system"}}
+    system = {"metadata": {"name": "kube-system", "labels": {}}}
+    assert admitted_by_hub(policy, elsewhere, system)
+    privileged = json.loads(json.dumps(namespace))
+    privileged["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] = "privileged"
+    assert admitted_by_hub(policy, privileged, None)
+
+
+def admitted_by_hub(policy: dict[str, Any], obj: dict[str, Any],
+                    namespace: dict[str, Any] | None) -> list[str]:
+    """The messages of the policy's validations that the hub creating ``obj`` fails."""
+    import celpy
+
+    env = celpy.Environment()
+    request = {"userInfo": {"username": f"system:serviceaccount:{RELEASE_NAMESPACE}:hub"},
+               "namespace": obj["metadata"].get("namespace", "")}
+    activation: dict[str, Any] = {"object": celpy.json_to_cel(obj), "request": celpy.json_to_cel(request),
+                                  "namespaceObject": celpy.json_to_cel(namespace)}
+    [condition] = policy["spec"]["matchConditions"]
+    assert env.program(env.compile(condition["expression"])).evaluate(activation)
+    computed: dict[Any, Any] = {}
+    for variable in policy["spec"]["variables"]:
+        activation["variables"] = celpy.celtypes.MapType(computed)
+        computed[celpy.celtypes.StringType(variable["name"])] = \
+            env.program(env.compile(variable["expression"])).evaluate(activation)
+    activation["variables"] = celpy.celtypes.MapType(computed)
+    return [check["message"] for check in policy["spec"]["validations"]
+            if not env.program(env.compile(check["expression"])).evaluate(activation)]
+
+
+def test_kubespawner_labels_a_users_namespace_as_the_chart_does(deployment: dict[str, Any]) -> None:
+    for server in deployment["servers"]:
+        if not server["enable_user_namespaces"]:
+            assert server["namespace_objects_file"] == ""
+            continue
+        user = server["pod"]["metadata"]["labels"]["hub.jupyter.org/username"]
+        rendered = find(deployment["objects"], "Namespace", server["namespace"], server["namespace"])
+        assert server["namespace_labels"] == rendered["metadata"]["labels"]
+        assert server["namespace_labels"]["facility.dev/user"] == user
+        assert server["namespace_objects_file"].endswith("/etc/facility/user-namespace.yaml")

@@ -32,6 +32,8 @@ SERVER_SCOPES = ["users:activity!user", "access:servers!server", "admin:auth_sta
 TOKEN_FILE = ".facility/token"
 # how often the hub on Kubernetes looks for a new configuration (facility.hub.config_watch)
 CONFIG_WATCH_SECONDS = 30
+# beside the hub's facility.yaml: the objects of a user's namespace, as the chart renders them
+USER_NAMESPACE_FILE = "user-namespace.yaml"
 
 
 class HubConfigError(UsageError, RuntimeError):
@@ -110,8 +112,10 @@ def configure(c: Any, config: FacilityConfig | None = None, *,
         sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={config.hub.idle_culler_timeout}",
         f"--url=http://127.0.0.1:{config.hub.hub_port}/hub/api"]}])
     if spawner == "kubernetes":
+        mounted = config_file or Path(env.get(CONFIG_ENV, ""))
         _kube_spawner(c, config)
-        _restart_on_new_configuration(c, config_file or Path(env.get(CONFIG_ENV, "")))
+        _user_namespaces_from_the_chart(c, mounted.parent / USER_NAMESPACE_FILE)
+        _restart_on_new_configuration(c, mounted)
     else:
         _local_spawner(c, config, config_file)
 
@@ -188,6 +192,17 @@ def _kube_spawner(c: Any, config: FacilityConfig) -> None:
             "FACILITY_CLUSTER__KUBERNETES__NAMESPACE": lambda s: s.namespace})
     else:
         spawner.namespace = config.cluster.kubernetes.namespace
+
+
+def _user_namespaces_from_the_chart(c: Any, objects_file: Path) -> None:
+    """With a namespace per user, the hub makes a user's namespace the way the chart makes
+    those of the users it lists (see :mod:`facility.hub.kube`)."""
+    from facility.hub.kube import namespace_labels
+
+    if not (c.KubeSpawner.get("enable_user_namespaces") and objects_file.is_file()):
+        return
+    c.FacilityKubeSpawner.namespace_objects_file = str(objects_file)
+    c.KubeSpawner.user_namespace_labels = namespace_labels(objects_file.read_text())
 
 
 def _restart_on_new_configuration(c: Any, config_file: Path) -> None:

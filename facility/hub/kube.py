@@ -1,4 +1,5 @@
-"""User servers on Kubernetes: KubeSpawner, with the server's credentials in a Secret.
+"""User servers on Kubernetes: KubeSpawner, with the server's credentials in a Secret, and a
+namespace of the user's own made on their first server.
 
 KubeSpawner puts the server's hub API token (and the facility the user's VO access token) into
 the pod spec as plain values, where anyone allowed to read pods in the namespace reads them.
@@ -6,13 +7,22 @@ Here they go into a Secret of the server's own (``<pod>-credentials``), which th
 environment references: the hub makes it before the pod and hands it to the pod as its owner
 once the pod exists, so it goes when the pod goes. Users may then read pods (to explain a
 cluster that does not start) without reading each other's tokens.
+
+With a namespace per user, KubeSpawner makes the namespace (with the labels of the chart's);
+before the first server starts there, the hub makes what the chart puts into every user's
+namespace (account, role bindings, quota, network policies, configuration), from the objects
+the chart renders for a placeholder user into the hub's configuration (``user-namespace.yaml``).
+Objects that exist are left as they are.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+from pathlib import Path
 from typing import Any
 
+import yaml
 from jupyterhub.utils import maybe_future
 from kubernetes_asyncio.client import (
     V1EnvVarSource,
@@ -21,11 +31,26 @@ from kubernetes_asyncio.client import (
     V1SecretKeySelector,
 )
 from kubernetes_asyncio.client.rest import ApiException
+from kubernetes_asyncio.utils import FailToCreateError, create_from_dict
 from kubespawner import KubeSpawner
 from kubespawner.objects import make_owner_reference
 from traitlets import List, Unicode, default, validate
 
 HTTP_CONFLICT = 409
+# the user the chart renders a namespace's objects for, in user-namespace.yaml
+PLACEHOLDER = "__USERNAME__"
+
+
+def namespace_objects(text: str, username: str) -> list[dict[str, Any]]:
+    """The objects of ``username``'s namespace, from the chart's rendering for the placeholder."""
+    return [doc for doc in yaml.safe_load_all(text.replace(PLACEHOLDER, username)) if doc]
+
+
+def namespace_labels(text: str) -> dict[str, str]:
+    """The labels of a user's Namespace, ``{username}`` where the user goes (KubeSpawner's
+    ``user_namespace_labels``)."""
+    [namespace] = [o for o in namespace_objects(text, "{username}") if o["kind"] == "Namespace"]
+    return dict(namespace["metadata"]["labels"])
 
 
 class FacilityKubeSpawner(KubeSpawner):
@@ -34,6 +59,10 @@ class FacilityKubeSpawner(KubeSpawner):
     credential_variables = List(
         Unicode(), default_value=["JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN", "FACILITY_ACCESS_TOKEN"],
         config=True, help="variables of the server's environment that travel in its Secret")
+
+    namespace_objects_file = Unicode(
+        "", config=True, help="the chart's objects of a user's namespace (user-namespace.yaml); "
+                              "empty: the chart makes every namespace")
 
     _credentials: dict[str, str]
 
@@ -99,7 +128,9 @@ def _then(ours: Any, theirs: Any) -> Any:
 
 
 async def _write_credentials(spawner: FacilityKubeSpawner, pod: Any) -> Any:
-    """Before the pod: its Secret, fresh (a restarted server gets new tokens)."""
+    """Before the pod: the objects of the user's namespace, and the pod's Secret, fresh (a
+    restarted server gets new tokens)."""
+    await _make_namespace_objects(spawner)
     secret = spawner.credentials_secret_manifest()
     try:
         await spawner.api.create_namespaced_secret(spawner.namespace, secret)
@@ -118,3 +149,18 @@ async def _own_credentials(spawner: FacilityKubeSpawner, pod: dict[str, Any]) ->
         spawner.credentials_secret_name, spawner.namespace,
         {"metadata": {"ownerReferences": [spawner.api.api_client.sanitize_for_serialization(o)
                                           for o in owner]}})
+
+
+async def _make_namespace_objects(spawner: FacilityKubeSpawner) -> None:
+    if not (spawner.enable_user_namespaces and spawner.namespace_objects_file):
+        return
+    text = await asyncio.to_thread(Path(spawner.namespace_objects_file).read_text)
+    username = spawner._expand_user_properties("{username}")
+    for obj in namespace_objects(text, username):
+        if obj["kind"] == "Namespace":
+            continue  # KubeSpawner made it, with the chart's labels
+        try:
+            await create_from_dict(spawner.api.api_client, obj, namespace=spawner.namespace)
+        except FailToCreateError as failed:
+            if any(e.status != HTTP_CONFLICT for e in failed.api_exceptions):
+                raise
