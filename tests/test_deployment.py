@@ -40,7 +40,7 @@ from facility.config import FacilityConfig, load_config
 from facility.deploy import chart
 from facility.embedded.services import free_port
 from tests.hub_pod import HubPod, find
-from tests.network_policy import Endpoint, Network
+from tests.network_policy import Endpoint, Network, selects
 
 REPO = Path(__file__).resolve().parent.parent
 CI_VALUES = REPO / "helm" / "facility" / "ci"
@@ -736,3 +736,15 @@ def test_kubespawner_labels_a_users_namespace_as_the_chart_does(deployment: dict
         assert server["namespace_labels"] == rendered["metadata"]["labels"]
         assert server["namespace_labels"]["facility.dev/user"] == user
         assert server["namespace_objects_file"].endswith("/etc/facility/user-namespace.yaml")
+
+
+def test_prometheus_finds_the_clusters_of_users_the_chart_does_not_list(build: Path,
+                                                                        tmp_path: Path) -> None:
+    objects = chart.template(build, [MAXIMAL], namespace=RELEASE_NAMESPACE)
+    cluster = _cluster(objects + _hub_objects(objects, "dave"), "facility-dave", tmp_path, "dave")
+    base = {**cluster["metadata"]["labels"], "dask.org/cluster-name": cluster["metadata"]["name"]}
+    for kind, role in (("ServiceMonitor", "scheduler"), ("PodMonitor", "worker")):
+        [monitor] = [o for o in objects if o["kind"] == kind]
+        assert monitor["spec"]["namespaceSelector"] == {"any": True}
+        assert selects(monitor["spec"]["selector"], {**base, "dask.org/component": role})
+        assert not selects(monitor["spec"]["selector"], {"dask.org/component": role})  # not ours
