@@ -27,7 +27,7 @@ import pytest
 import facility
 from facility.batch import JobAccessError, JobHandle, JobInputError, job, jobs
 from facility.batch.base import runner_for
-from facility.batch.kubernetes import KubernetesRunner, runner_failure
+from facility.batch.kubernetes import KubernetesRunner, runner_failure, unwatchable
 from facility.batch.model import Job, JobError
 from facility.cli import main
 from facility.cluster.base import cluster_folder
@@ -457,3 +457,13 @@ def test_a_job_pod_that_can_never_start_fails_the_job_with_the_reason() -> None:
     assert runner_failure(None, refused, 5, 900) == \
         "the job pod could not be created: exceeded quota: facility-user"
     assert runner_failure(runner_pod(None, "Running"), [], 5000, 900) is None
+
+
+def test_a_job_whose_pod_may_not_be_looked_at_fails_once_patience_is_out() -> None:
+    why = 'pods "alice-job-7-runner" is forbidden'
+    assert unwatchable(403, why, "alice-job-7-runner", "facility-alice", 5, 900) is None
+    late = unwatchable(403, why, "alice-job-7-runner", "facility-alice", 901, 900)
+    assert late is not None
+    assert why in late
+    assert "get and list on pods and events in namespace facility-alice" in late
+    assert unwatchable(503, "unavailable", "alice-job-7-runner", "facility-alice", 5000, 900) is None

@@ -47,6 +47,7 @@ from facility.cluster.limits import Identity, WorkerRequest
 
 JOB_LABEL = "facility.dev/job"
 JOB_CONTAINER = "job"
+HTTP_FORBIDDEN = 403
 PROBES = ("ports", "readinessProbe", "livenessProbe", "startupProbe")
 NEVER_STARTS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                 "CreateContainerError")
@@ -56,6 +57,22 @@ def for_user(items: list[dict[str, Any]], user: str) -> list[dict[str, Any]]:
     """Volumes and mounts with ``{username}`` as the hub spells it in pod and claim names (the
     user's home is ``claim-{username}``)."""
     return list(json.loads(json.dumps(items).replace("{username}", user_label(user))))
+
+
+def _status(error: Exception) -> int | None:
+    response = getattr(error, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def unwatchable(status: int | None, why: str, pod: str, namespace: str, waited: float,
+                patience: float) -> str | None:
+    """A job whose pod may not be looked at would wait for ever: once patience is out, the
+    refusal is the reason it fails. Other errors (the API out of reach) change nothing."""
+    if status != HTTP_FORBIDDEN or waited < patience:
+        return None
+    return (f"the job pod {pod} has not reported running after {waited:.0f} s and cannot be "
+            f"looked at: {why} (the account needs get and list on pods and events in namespace "
+            f"{namespace})")
 
 
 def runner_failure(pod: dict[str, Any] | None, events: list[dict[str, Any]], waited: float,
@@ -199,15 +216,18 @@ class KubernetesRunner(JobRunner):
         import kr8s
 
         api, name = self._api(self._namespace(job)), f"{job.handle['name']}-runner"
+        waited = time.time() - (job.started or time.time())
+        patience = self.config.batch.kubernetes.start_timeout
         try:
             pods = [p.raw for p in kr8s.get("pods", name, api=api)]
             events = [e.raw for e in kr8s.get("events", api=api)
                       if e.raw.get("involvedObject", {}).get("name") in (name, job.handle["name"])]
+        except kr8s.ServerError as refused:
+            return unwatchable(_status(refused), str(refused), name, self._namespace(job),
+                               waited, patience)
         except Exception:  # noqa: BLE001 (see the comment below)
-            return None  # not allowed to look, or out of reach: nothing is known
-        waited = time.time() - (job.started or time.time())
-        return runner_failure(pods[0] if pods else None, events, waited,
-                              self.config.batch.kubernetes.start_timeout)
+            return None  # out of reach: nothing is known, nothing changes
+        return runner_failure(pods[0] if pods else None, events, waited, patience)
 
     def kill(self, job: Job) -> None:
         import kr8s
