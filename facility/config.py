@@ -258,8 +258,9 @@ class BatchKubernetesConfig(_Strict):
     image: str | None = Field(default=None, description="job image; default: cluster.kubernetes.image, "
                                                         "else the notebook's JUPYTER_IMAGE_SPEC")
     service_account: str | None = Field(default=None,
-                                        description="service account of the job pod; null: the "
-                                                    "namespace's default")
+                                        description="service account of the job pod, "
+                                                    "{username}: the user's; null: the namespace's "
+                                                    "default")
     cpu: float = Field(default=1.0, gt=0, description="cores of the job pod (the notebook's kernel)")
     memory: str = Field(default="4GiB", pattern=MEMORY_PATTERN, description="memory of the job pod")
     volumes: list[dict[str, Any]] = Field(

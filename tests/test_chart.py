@@ -27,6 +27,7 @@ from facility.cluster.limits import Identity, WorkerRequest
 from facility.config import FacilityConfig
 from facility.deploy import chart
 from facility.hub.authenticator import VOAuthenticator
+from tests.admission import evaluate
 from tests.network_policy import selects
 
 REPO = Path(__file__).resolve().parent.parent
@@ -183,7 +184,7 @@ def test_make_chart_writes_the_maximal_manifests(tmp_path: Path) -> None:
 # -- what the objects say ----------------------------------------------------------------------
 
 
-def test_users_may_manage_only_dask_objects_of_their_namespace(build: Path) -> None:
+def test_users_may_manage_only_dask_objects_of_their_namespace(build: Path, tmp_path: Path) -> None:
     objects = render(build, MAXIMAL)
     [role] = [r for r in by_kind(objects, "ClusterRole") if r["metadata"]["name"] == "facility-facility-user"]
     for rule in role["rules"]:
@@ -201,11 +202,15 @@ def test_users_may_manage_only_dask_objects_of_their_namespace(build: Path) -> N
     assert {b["kind"] for b in users_bindings} == {"RoleBinding"}
     assert {b["metadata"]["namespace"] for b in users_bindings} == {"facility-alice", "facility-bob"}
     for binding in users_bindings:
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "facility-user",
+        user = binding["metadata"]["namespace"].removeprefix("facility-")
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"facility-user-{user}",
                                         "namespace": binding["metadata"]["namespace"]}]
-    shared = [b for b in by_kind(render(build, MINIMAL, SHARED), "RoleBinding")
+    # in a shared namespace: one account each, bound there
+    listed = values_file(tmp_path, "users: [alice, bob]")
+    shared = [b for b in by_kind(render(build, MINIMAL, SHARED, listed), "RoleBinding")
               if b["roleRef"]["name"] == "facility-facility-user"]
-    assert [b["metadata"]["namespace"] for b in shared] == ["facility-users"]
+    assert {(b["metadata"]["namespace"], b["subjects"][0]["name"]) for b in shared} == {
+        ("facility-users", "facility-user-alice"), ("facility-users", "facility-user-bob")}
 
 
 def test_each_user_namespace_has_quota_limits_and_the_configuration(build: Path) -> None:
@@ -432,74 +437,120 @@ def test_the_gpu_image_adds_the_headers_of_its_own_cuda_release() -> None:
 # -- the admission policy, evaluated with a CEL interpreter -------------------------------------
 
 
-def admitted(policy: dict[str, Any], obj: dict[str, Any]) -> list[str]:
-    """The messages of the policy's validations that ``obj`` fails (empty: admitted)."""
-    import celpy
+OWNERSHIP = ("a user's account may make and change only that user's Dask objects (labelled "
+             "facility.dev/user with the user, named after the user)")
+MOUNT = "a Dask pod may mount only its own cluster's Secrets (<cluster>-tls, <cluster>-credentials)"
+ENV = "a Dask pod's environment may come only from its own cluster's Secrets"
+ACCOUNT = "Dask pods run with their user's account (facility-user-<user>) or none"
+HOME = "a Dask pod may mount only its user's home (claim-<user>), no other volume claim"
+SECRETS = ("a user's account may make and delete only that user's Secrets (labelled facility.dev/user "
+           "with the user, named after the user's cluster)")
 
-    env = celpy.Environment()
-    activation: dict[str, Any] = {"object": celpy.json_to_cel(obj)}
-    computed: dict[Any, Any] = {}
-    for variable in policy["spec"]["variables"]:  # each may use those before it
-        activation["variables"] = celpy.celtypes.MapType(computed)
-        value = env.program(env.compile(variable["expression"])).evaluate(activation)
-        computed[celpy.celtypes.StringType(variable["name"])] = value
-    activation["variables"] = celpy.celtypes.MapType(computed)
-    return [check["message"] for check in policy["spec"]["validations"]
-            if not env.program(env.compile(check["expression"])).evaluate(activation)]
+
+def policy(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return named(objects, "ValidatingAdmissionPolicy", f"facility-facility-{name}")
+
+
+def admitted(policy: dict[str, Any], obj: dict[str, Any] | None, user: str = "alice",
+             operation: str = "CREATE", old: dict[str, Any] | None = None,
+             account: str | None = None) -> list[str] | None:
+    """What the policy says to ``user``'s account (or ``account``) asking for ``operation`` in
+    the shared namespace: the failed validations' messages, None if it does not apply."""
+    username = account or f"system:serviceaccount:facility-users:facility-user-{user}"
+    request = {"userInfo": {"username": username}, "namespace": "facility-users",
+               "operation": operation}
+    return evaluate(policy, request, obj, old)
+
+
+def shared_cluster(build: Path, tmp_path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The shared-namespace render, and alice's DaskCluster as the backend makes it there."""
+    from tests.test_kubernetes import render as cluster_manifests
+
+    objects = render(build, MINIMAL, SHARED)
+    config = FacilityConfig.model_validate(yaml.safe_load(
+        named(objects, "ConfigMap", "facility-config", "facility-users")["data"]["facility.yaml"]))
+    config.home = tmp_path
+    return objects, cluster_manifests(config)["DaskCluster"]
+
+
+def copy(obj: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(obj))
 
 
 def test_dask_pods_get_only_their_own_clusters_secrets(build: Path, tmp_path: Path) -> None:
     from tests.test_batch import daskjob_manifests
-    from tests.test_kubernetes import render as cluster_manifests
 
-    objects = render(build, MINIMAL, SHARED)
-    [policy] = by_kind(objects, "ValidatingAdmissionPolicy")
-    [binding] = by_kind(objects, "ValidatingAdmissionPolicyBinding")
+    objects, mine = shared_cluster(build, tmp_path)
+    pods = policy(objects, "dask-pods")
+    binding = named(objects, "ValidatingAdmissionPolicyBinding", "facility-facility-dask-pods")
     assert binding["spec"]["validationActions"] == ["Deny"]
+    assert admitted(pods, mine) == []
     config = FacilityConfig.model_validate(yaml.safe_load(
         named(objects, "ConfigMap", "facility-config", "facility-users")["data"]["facility.yaml"]))
     config.home = tmp_path
-    mine = cluster_manifests(config)["DaskCluster"]
-    assert admitted(policy, mine) == []
-    assert admitted(policy, daskjob_manifests(config, 2)["DaskJob"]) == []
+    assert admitted(pods, daskjob_manifests(config, 2)["DaskJob"]) == []
 
-    foreign_mount = json.loads(json.dumps(mine))
-    foreign_mount["metadata"]["name"] = "mallory-steal"
-    assert admitted(policy, foreign_mount) == [
-        "a Dask pod may mount only its own cluster's Secrets (<cluster>-tls, <cluster>-credentials)",
-        "a Dask pod's environment may come only from its own cluster's Secrets"]
-    borrowed = json.loads(json.dumps(mine))
+    foreign_mount = copy(mine)  # mallory's cluster, mounting alice's Secrets
+    foreign_mount["metadata"].update(name="mallory-steal", labels={"facility.dev/user": "mallory"})
+    assert admitted(pods, foreign_mount, "mallory") == [MOUNT, ENV]
+    borrowed = copy(mine)
     borrowed["spec"]["worker"]["spec"]["serviceAccountName"] = "hub"
-    assert admitted(policy, borrowed) == [
-        "Dask pods run with the users' service account (facility-user) or none"]
+    assert admitted(pods, borrowed) == [ACCOUNT]
+    others = copy(mine)
+    others["spec"]["worker"]["spec"]["serviceAccountName"] = "facility-user-bob"
+    assert admitted(pods, others) == [ACCOUNT]
 
 
 def test_the_admission_policy_has_no_side_doors(build: Path, tmp_path: Path) -> None:
     """Init containers, the legacy ``serviceAccount`` field and CSI secret volumes are checked
     like the rest; users cannot make a worker group, which could name another user's cluster."""
-    from tests.test_kubernetes import render as cluster_manifests
-
-    objects = render(build, MINIMAL, SHARED)
-    [policy] = by_kind(objects, "ValidatingAdmissionPolicy")
-    config = FacilityConfig.model_validate(yaml.safe_load(
-        named(objects, "ConfigMap", "facility-config", "facility-users")["data"]["facility.yaml"]))
-    config.home = tmp_path
-    mine = cluster_manifests(config)["DaskCluster"]
+    objects, mine = shared_cluster(build, tmp_path)
+    pods = policy(objects, "dask-pods")
     victim = "bob-zpeak-credentials"  # another cluster's (this one is alice-zpeak)
-
-    init = json.loads(json.dumps(mine))
+    init = copy(mine)
     init["spec"]["worker"]["spec"]["initContainers"] = [{"name": "copy", "image": "busybox", "env": [
         {"name": "STOLEN", "valueFrom": {"secretKeyRef": {"name": victim, "key": "FACILITY_ACCESS_TOKEN"}}}]}]
-    assert admitted(policy, init) == ["a Dask pod's environment may come only from its own cluster's Secrets"]
-    legacy = json.loads(json.dumps(mine))
+    assert admitted(pods, init) == [ENV]
+    legacy = copy(mine)
     legacy["spec"]["scheduler"]["spec"]["serviceAccount"] = "hub"
-    assert admitted(policy, legacy) == ["Dask pods run with the users' service account (facility-user) or none"]
-    csi = json.loads(json.dumps(mine))
+    assert admitted(pods, legacy) == [ACCOUNT]
+    csi = copy(mine)
     csi["spec"]["worker"]["spec"]["volumes"].append(
         {"name": "vault", "csi": {"driver": "secrets-store.csi.k8s.io"}})
-    assert admitted(policy, csi) == [
-        "a Dask pod may mount only its own cluster's Secrets (<cluster>-tls, <cluster>-credentials)"]
+    assert admitted(pods, csi) == [MOUNT]
     [role] = [r for r in by_kind(objects, "ClusterRole") if r["metadata"]["name"] == "facility-facility-user"]
     groups = [rule for rule in role["rules"] if "daskworkergroups" in rule["resources"]]
     assert groups
     assert all("create" not in rule["verbs"] for rule in groups)
+
+
+def test_users_sharing_a_namespace_cannot_touch_each_others_clusters(build: Path,
+                                                                     tmp_path: Path) -> None:
+    objects, alices = shared_cluster(build, tmp_path)
+    pods, secrets = policy(objects, "dask-pods"), policy(objects, "user-secrets")
+    assert admitted(pods, alices, "bob") == [OWNERSHIP]  # made in alice's name
+    relabelled = copy(alices)
+    relabelled["metadata"]["labels"]["facility.dev/user"] = "bob"
+    assert OWNERSHIP in (admitted(pods, relabelled, "bob", "UPDATE", old=alices) or [])
+    assert admitted(pods, None, "bob", "DELETE", old=alices) == [OWNERSHIP]
+    assert admitted(pods, None, "alice", "DELETE", old=alices) == []
+    home = copy(alices)
+    home["metadata"].update(name="bob-peek", labels={"facility.dev/user": "bob"})
+    home["spec"]["worker"]["spec"]["volumes"] = [
+        {"name": "home", "persistentVolumeClaim": {"claimName": "claim-alice"}}]
+    assert HOME in (admitted(pods, home, "bob") or [])
+    home["spec"]["worker"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = "claim-bob"
+    assert HOME not in (admitted(pods, home, "bob") or [HOME])
+    group = {"apiVersion": "kubernetes.dask.org/v1", "kind": "DaskWorkerGroup",
+             "metadata": {"name": "alice-zpeak-default", "labels": alices["metadata"]["labels"]},
+             "spec": {"cluster": "alice-zpeak", "worker": alices["spec"]["worker"]}}
+    assert admitted(pods, group, "bob", "UPDATE", old=group) == [OWNERSHIP]  # scaling alice's
+    assert admitted(pods, group, "alice", "UPDATE", old=group) == []
+    operator = "system:serviceaccount:facility:facility-dask-kubernetes-operator"
+    assert admitted(pods, group, "alice", "UPDATE", old=group, account=operator) is None
+    tls = {"apiVersion": "v1", "kind": "Secret", "metadata": {
+        "name": "alice-zpeak-tls", "labels": {"facility.dev/user": "alice"}}}
+    assert admitted(secrets, tls) == []
+    assert admitted(secrets, None, "bob", "DELETE", old=tls) == [SECRETS]
+    squatted = {**tls, "metadata": {**tls["metadata"], "labels": {"facility.dev/user": "bob"}}}
+    assert admitted(secrets, squatted, "bob") == [SECRETS]  # a Secret named after alice's cluster

@@ -39,6 +39,7 @@ from facility.cluster.security import security_from
 from facility.config import FacilityConfig, load_config
 from facility.deploy import chart
 from facility.embedded.services import free_port
+from tests.admission import evaluate
 from tests.hub_pod import HubPod, find
 from tests.network_policy import Endpoint, Network, selects
 
@@ -89,9 +90,10 @@ def deployment(request: pytest.FixtureRequest, build: Path,
     objects = chart.template(build, [*values, endpoints], namespace=RELEASE_NAMESPACE)
     hub = HubPod(objects, RELEASE_NAMESPACE, folder / "pod")
     spawned = hub.spawn(servers, secrets_outside={"facility-vo-client": "made-by-the-operator"})
-    for server in spawned["servers"]:  # what the hub makes before a server in a new namespace
-        if not [o for o in objects if o["kind"] == "Namespace"
-                and o["metadata"]["name"] == server["namespace"]]:
+    for server in spawned["servers"]:  # what the hub makes before a user's first server
+        account = server["pod"]["spec"]["serviceAccountName"]
+        if not [o for o in objects if o["kind"] == "ServiceAccount" and o["metadata"]["name"] == account
+                and o["metadata"].get("namespace") == server["namespace"]]:
             objects += _hub_objects(objects, server["pod"]["metadata"]["labels"]["facility.dev/user"])
     site_cidrs = bool(yaml.safe_load(values[0].read_text())["networkPolicy"].get("allowedCIDRs"))
     return {"objects": objects, "requests": servers, "site_cidrs": site_cidrs, "hub": hub, **spawned}
@@ -665,7 +667,7 @@ def _in_namespace(objects: list[dict[str, Any]], namespace: str) -> list[dict[st
 def _hub_objects(objects: list[dict[str, Any]], user: str) -> list[dict[str, Any]]:
     from facility.hub.kube import namespace_objects
 
-    text = find(objects, "ConfigMap", "facility-config", RELEASE_NAMESPACE)["data"]["user-namespace.yaml"]
+    text = find(objects, "ConfigMap", "facility-config", RELEASE_NAMESPACE)["data"]["user-objects.yaml"]
     return sorted(namespace_objects(text, user), key=lambda o: (o["kind"], o["metadata"]["name"]))
 
 
@@ -707,35 +709,22 @@ def test_the_hub_may_make_an_unlisted_users_namespace_and_only_users_namespaces(
 def admitted_by_hub(policy: dict[str, Any], obj: dict[str, Any],
                     namespace: dict[str, Any] | None) -> list[str]:
     """The messages of the policy's validations that the hub creating ``obj`` fails."""
-    import celpy
-
-    env = celpy.Environment()
     request = {"userInfo": {"username": f"system:serviceaccount:{RELEASE_NAMESPACE}:hub"},
-               "namespace": obj["metadata"].get("namespace", "")}
-    activation: dict[str, Any] = {"object": celpy.json_to_cel(obj), "request": celpy.json_to_cel(request),
-                                  "namespaceObject": celpy.json_to_cel(namespace)}
-    [condition] = policy["spec"]["matchConditions"]
-    assert env.program(env.compile(condition["expression"])).evaluate(activation)
-    computed: dict[Any, Any] = {}
-    for variable in policy["spec"]["variables"]:
-        activation["variables"] = celpy.celtypes.MapType(computed)
-        computed[celpy.celtypes.StringType(variable["name"])] = \
-            env.program(env.compile(variable["expression"])).evaluate(activation)
-    activation["variables"] = celpy.celtypes.MapType(computed)
-    return [check["message"] for check in policy["spec"]["validations"]
-            if not env.program(env.compile(check["expression"])).evaluate(activation)]
+               "namespace": obj["metadata"].get("namespace", ""), "operation": "CREATE"}
+    failed = evaluate(policy, request, obj, namespace=namespace)
+    assert failed is not None  # the policy applies to the hub
+    return failed
 
 
 def test_kubespawner_labels_a_users_namespace_as_the_chart_does(deployment: dict[str, Any]) -> None:
     for server in deployment["servers"]:
+        assert server["namespace_objects_file"].endswith("/etc/facility/user-objects.yaml")
         if not server["enable_user_namespaces"]:
-            assert server["namespace_objects_file"] == ""
             continue
         user = server["pod"]["metadata"]["labels"]["hub.jupyter.org/username"]
         rendered = find(deployment["objects"], "Namespace", server["namespace"], server["namespace"])
         assert server["namespace_labels"] == rendered["metadata"]["labels"]
         assert server["namespace_labels"]["facility.dev/user"] == user
-        assert server["namespace_objects_file"].endswith("/etc/facility/user-namespace.yaml")
 
 
 def test_prometheus_finds_the_clusters_of_users_the_chart_does_not_list(build: Path,
@@ -748,3 +737,20 @@ def test_prometheus_finds_the_clusters_of_users_the_chart_does_not_list(build: P
         assert monitor["spec"]["namespaceSelector"] == {"any": True}
         assert selects(monitor["spec"]["selector"], {**base, "dask.org/component": role})
         assert not selects(monitor["spec"]["selector"], {"dask.org/component": role})  # not ours
+
+
+def test_in_a_shared_namespace_the_hub_makes_only_the_users_account_there(build: Path) -> None:
+    objects = chart.template(build, [MINIMAL, SHARED], namespace=RELEASE_NAMESPACE)
+    carol = _hub_objects(objects, "carol")
+    assert {(o["kind"], o["metadata"]["name"], o["metadata"]["namespace"]) for o in carol} == {
+        ("ServiceAccount", "facility-user-carol", "facility-users"),
+        ("RoleBinding", "facility-user-carol", "facility-users")}
+    [policy] = [p for p in objects if p["kind"] == "ValidatingAdmissionPolicy"
+                and p["metadata"]["name"].endswith("hub-namespaces")]
+    shared = find(objects, "Namespace", "facility-users", "facility-users")
+    for obj in carol:
+        assert admitted_by_hub(policy, obj, shared) == []
+    lookalike = json.loads(json.dumps(shared))
+    lookalike["metadata"]["name"] = "facility-users-2"
+    moved = {**carol[0], "metadata": {**carol[0]["metadata"], "namespace": "facility-users-2"}}
+    assert admitted_by_hub(policy, moved, lookalike)

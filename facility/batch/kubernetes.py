@@ -159,7 +159,8 @@ class KubernetesRunner(JobRunner):
         pod["volumes"] = [*pod.get("volumes", []), *for_user(settings.volumes, job.user)]
         pod["restartPolicy"] = "Never"
         if settings.service_account:
-            pod["serviceAccountName"] = settings.service_account
+            pod["serviceAccountName"] = settings.service_account.replace(
+                "{username}", user_label(job.user))
         return pod
 
     # -- talking to the API server (needs a cluster) -------------------------------------------

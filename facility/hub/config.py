@@ -32,8 +32,11 @@ SERVER_SCOPES = ["users:activity!user", "access:servers!server", "admin:auth_sta
 TOKEN_FILE = ".facility/token"
 # how often the hub on Kubernetes looks for a new configuration (facility.hub.config_watch)
 CONFIG_WATCH_SECONDS = 30
-# beside the hub's facility.yaml: the objects of a user's namespace, as the chart renders them
-USER_NAMESPACE_FILE = "user-namespace.yaml"
+# beside the hub's facility.yaml: what the hub makes before a user's first server (their
+# namespace, or their account in a shared one), as the chart renders it
+USER_OBJECTS_FILE = "user-objects.yaml"
+# the account of a user's server, batch jobs and what they make (one per user, in any layout)
+USER_ACCOUNT = "facility-user-{username}"
 
 
 class HubConfigError(UsageError, RuntimeError):
@@ -114,7 +117,7 @@ def configure(c: Any, config: FacilityConfig | None = None, *,
     if spawner == "kubernetes":
         mounted = config_file or Path(env.get(CONFIG_ENV, ""))
         _kube_spawner(c, config)
-        _user_namespaces_from_the_chart(c, mounted.parent / USER_NAMESPACE_FILE)
+        _user_objects_from_the_chart(c, mounted.parent / USER_OBJECTS_FILE)
         _restart_on_new_configuration(c, mounted)
     else:
         _local_spawner(c, config, config_file)
@@ -194,15 +197,18 @@ def _kube_spawner(c: Any, config: FacilityConfig) -> None:
         spawner.namespace = config.cluster.kubernetes.namespace
 
 
-def _user_namespaces_from_the_chart(c: Any, objects_file: Path) -> None:
-    """With a namespace per user, the hub makes a user's namespace the way the chart makes
-    those of the users it lists (see :mod:`facility.hub.kube`)."""
+def _user_objects_from_the_chart(c: Any, objects_file: Path) -> None:
+    """The hub makes a user's namespace, or their account in a shared one, the way the chart
+    makes those of the users it lists (see :mod:`facility.hub.kube`); servers run with the
+    user's own account."""
     from facility.hub.kube import namespace_labels
 
-    if not (c.KubeSpawner.get("enable_user_namespaces") and objects_file.is_file()):
+    c.KubeSpawner.service_account = USER_ACCOUNT
+    if not objects_file.is_file():
         return
     c.FacilityKubeSpawner.namespace_objects_file = str(objects_file)
-    c.KubeSpawner.user_namespace_labels = namespace_labels(objects_file.read_text())
+    if c.KubeSpawner.get("enable_user_namespaces"):
+        c.KubeSpawner.user_namespace_labels = namespace_labels(objects_file.read_text())
 
 
 def _restart_on_new_configuration(c: Any, config_file: Path) -> None:

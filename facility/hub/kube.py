@@ -8,11 +8,11 @@ environment references: the hub makes it before the pod and hands it to the pod 
 once the pod exists, so it goes when the pod goes. Users may then read pods (to explain a
 cluster that does not start) without reading each other's tokens.
 
-With a namespace per user, KubeSpawner makes the namespace (with the labels of the chart's);
-before the first server starts there, the hub makes what the chart puts into every user's
-namespace (account, role bindings, quota, network policies, configuration), from the objects
-the chart renders for a placeholder user into the hub's configuration (``user-namespace.yaml``).
-Objects that exist are left as they are.
+Before a user's server starts, the hub makes what the chart makes for the users it lists, from
+the objects the chart renders for a placeholder user into the hub's configuration
+(``user-objects.yaml``): with a namespace per user, everything in it (KubeSpawner makes the
+namespace itself, with the chart's labels); in a shared namespace, the user's own account and
+its role binding. Objects that exist are left as they are.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from kubespawner.objects import make_owner_reference
 from traitlets import List, Unicode, default, validate
 
 HTTP_CONFLICT = 409
-# the user the chart renders a namespace's objects for, in user-namespace.yaml
+# the user the chart renders a user's objects for, in user-objects.yaml
 PLACEHOLDER = "__USERNAME__"
 
 
@@ -61,8 +61,8 @@ class FacilityKubeSpawner(KubeSpawner):
         config=True, help="variables of the server's environment that travel in its Secret")
 
     namespace_objects_file = Unicode(
-        "", config=True, help="the chart's objects of a user's namespace (user-namespace.yaml); "
-                              "empty: the chart makes every namespace")
+        "", config=True, help="what the hub makes for a user before their first server "
+                              "(user-objects.yaml); empty: nothing")
 
     _credentials: dict[str, str]
 
@@ -130,7 +130,7 @@ def _then(ours: Any, theirs: Any) -> Any:
 async def _write_credentials(spawner: FacilityKubeSpawner, pod: Any) -> Any:
     """Before the pod: the objects of the user's namespace, and the pod's Secret, fresh (a
     restarted server gets new tokens)."""
-    await _make_namespace_objects(spawner)
+    await _make_user_objects(spawner)
     secret = spawner.credentials_secret_manifest()
     try:
         await spawner.api.create_namespaced_secret(spawner.namespace, secret)
@@ -151,8 +151,8 @@ async def _own_credentials(spawner: FacilityKubeSpawner, pod: dict[str, Any]) ->
                                           for o in owner]}})
 
 
-async def _make_namespace_objects(spawner: FacilityKubeSpawner) -> None:
-    if not (spawner.enable_user_namespaces and spawner.namespace_objects_file):
+async def _make_user_objects(spawner: FacilityKubeSpawner) -> None:
+    if not spawner.namespace_objects_file:
         return
     text = await asyncio.to_thread(Path(spawner.namespace_objects_file).read_text)
     username = spawner._expand_user_properties("{username}")

@@ -1,6 +1,6 @@
 {{- /* Everything a namespace users run in holds, in one place: the chart renders it for the
        shared namespace or for each listed user's own, and puts the same objects, rendered for
-       the placeholder user __USERNAME__, into the hub's configuration (user-namespace.yaml),
+       the placeholder user __USERNAME__, into the hub's configuration (user-objects.yaml),
        from which the hub makes the namespace of a user the chart does not list.
 
        Pods there meet the "baseline" Pod Security Standard, may reach the hub's API, and the
@@ -58,31 +58,15 @@ subjects:
   - kind: ServiceAccount
     name: {{ $root.Values.userNamespaces.hubServiceAccount }}
     namespace: {{ $root.Release.Namespace }}
+{{- if $user }}
 ---
-apiVersion: v1
-kind: ServiceAccount
-metadata:
-  name: facility-user
-  namespace: {{ $namespace }}
-  labels:
-    {{- include "facility.labels" $root | nindent 4 }}
-automountServiceAccountToken: true
+{{ include "facility.userAccount" (dict "root" $root "namespace" $namespace "user" $user) }}
+{{- else }}
+{{- range $root.Values.users }}
 ---
-apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata:
-  name: facility-user
-  namespace: {{ $namespace }}
-  labels:
-    {{- include "facility.labels" $root | nindent 4 }}
-roleRef:
-  apiGroup: rbac.authorization.k8s.io
-  kind: ClusterRole
-  name: {{ $release }}-facility-user
-subjects:
-  - kind: ServiceAccount
-    name: facility-user
-    namespace: {{ $namespace }}
+{{ include "facility.userAccount" (dict "root" $root "namespace" $namespace "user" .) }}
+{{- end }}
+{{- end }}
 ---
 apiVersion: v1
 kind: ConfigMap
@@ -112,4 +96,37 @@ facility.dev/user-pods: "true"
 {{- if .user }}
 facility.dev/user: {{ .user | quote }}
 {{- end }}
+{{- end }}
+
+{{- /* A user's own account (facility-user-<user>), with the users' role in the namespace: the
+       admission policies let an account touch only its own user's Dask objects and Secrets,
+       which keeps users apart in a shared namespace too. Argument: dict "root" $ "namespace"
+       NAME "user" USER. */}}
+{{- define "facility.userAccount" -}}
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: facility-user-{{ .user }}
+  namespace: {{ .namespace }}
+  labels:
+    {{- include "facility.labels" .root | nindent 4 }}
+    facility.dev/user: {{ .user | quote }}
+automountServiceAccountToken: true
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: facility-user-{{ .user }}
+  namespace: {{ .namespace }}
+  labels:
+    {{- include "facility.labels" .root | nindent 4 }}
+    facility.dev/user: {{ .user | quote }}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: {{ .root.Release.Name }}-facility-user
+subjects:
+  - kind: ServiceAccount
+    name: facility-user-{{ .user }}
+    namespace: {{ .namespace }}
 {{- end }}
