@@ -534,6 +534,9 @@ def test_users_sharing_a_namespace_cannot_touch_each_others_clusters(build: Path
     assert OWNERSHIP in (admitted(pods, relabelled, "bob", "UPDATE", old=alices) or [])
     assert admitted(pods, None, "bob", "DELETE", old=alices) == [OWNERSHIP]
     assert admitted(pods, None, "alice", "DELETE", old=alices) == []
+    lookalike = copy(alices)  # mallory's own, named so that alice's Secrets would fit it
+    lookalike["metadata"]["labels"] = {"facility.dev/user": "mallory"}
+    assert OWNERSHIP in (admitted(pods, lookalike, "mallory") or [])
     home = copy(alices)
     home["metadata"].update(name="bob-peek", labels={"facility.dev/user": "bob"})
     home["spec"]["worker"]["spec"]["volumes"] = [

@@ -359,4 +359,4 @@ def test_cluster_names_keep_their_own_part_when_the_user_name_is_long() -> None:
     names = {cluster_name(long_user, f"job-{n}") for n in (1, 12, 123)}
     assert len(names) == 3
     assert all(len(n) <= 50 and n[-1] != "-" and "-job-" in n for n in names)
-    assert cluster_name(Identity("Alice.Smith"), "Z peak") == "alice-smith-z-peak"
+    assert cluster_name(Identity("Alice.Smith"), "Z peak") == "alice-smith---2ece8250-z-peak"

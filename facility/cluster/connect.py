@@ -107,10 +107,14 @@ def _dns_part(text: str) -> str:
 
 
 def cluster_name(who: Identity, name: str | None) -> str:
-    """``<user>-<name>``, in the characters Kubernetes object names allow. A long user name is
-    cut, never the cluster's own name: ``alice…-job-7`` and ``alice…-job-17`` stay apart."""
+    """``<user>-<name>``, in the characters Kubernetes object names allow, the user as the hub
+    spells them in labels (the admission policy of a shared namespace checks that a cluster's
+    name starts so). A long user name is cut, never the cluster's own name: ``alice…-job-7``
+    and ``alice…-job-17`` stay apart."""
+    from facility.cluster.kubernetes import user_label
+
     own = _dns_part(name or uuid.uuid4().hex[:6])[:CLUSTER_NAME_LENGTH // 2].strip("-")
-    user = _dns_part(who.user)[:CLUSTER_NAME_LENGTH - len(own) - 1].strip("-")
+    user = user_label(who.user)[:CLUSTER_NAME_LENGTH - len(own) - 1].strip("-")
     return f"{user}-{own}"
 
 
