@@ -10,9 +10,10 @@ cluster that does not start) without reading each other's tokens.
 
 Before a user's server starts, the hub makes what the chart makes for the users it lists, from
 the objects the chart renders for a placeholder user into the hub's configuration
-(``user-objects.yaml``): with a namespace per user, everything in it (KubeSpawner makes the
-namespace itself, with the chart's labels); in a shared namespace, the user's own account and
-its role binding. Objects that exist are left as they are.
+(``user-objects.yaml``): with a namespace per user, the namespace and everything in it; in a
+shared namespace, the user's own account and its role binding. This happens before KubeSpawner
+starts (it makes the home volume claim, then the pod, there). Objects that exist are left as
+they are.
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ class FacilityKubeSpawner(KubeSpawner):
     @property
     def credentials_secret_name(self) -> str:
         return f"{self.pod_name}-credentials"
+
+    async def _start(self) -> Any:
+        # the user's objects come first: KubeSpawner makes the home volume claim, then the pod,
+        # in the namespace (and with the account) they provide
+        await _make_user_objects(self)
+        return await super()._start()
 
     async def get_pod_manifest(self) -> Any:
         pod = await super().get_pod_manifest()
@@ -128,9 +135,7 @@ def _then(ours: Any, theirs: Any) -> Any:
 
 
 async def _write_credentials(spawner: FacilityKubeSpawner, pod: Any) -> Any:
-    """Before the pod: the objects of the user's namespace, and the pod's Secret, fresh (a
-    restarted server gets new tokens)."""
-    await _make_user_objects(spawner)
+    """Before the pod: its Secret, fresh (a restarted server gets new tokens)."""
     secret = spawner.credentials_secret_manifest()
     try:
         await spawner.api.create_namespaced_secret(spawner.namespace, secret)
@@ -156,9 +161,7 @@ async def _make_user_objects(spawner: FacilityKubeSpawner) -> None:
         return
     text = await asyncio.to_thread(Path(spawner.namespace_objects_file).read_text)
     username = spawner._expand_user_properties("{username}")
-    for obj in namespace_objects(text, username):
-        if obj["kind"] == "Namespace":
-            continue  # KubeSpawner made it, with the chart's labels
+    for obj in namespace_objects(text, username):  # the namespace first, as rendered
         try:
             await create_from_dict(spawner.api.api_client, obj, namespace=spawner.namespace)
         except FailToCreateError as failed:
