@@ -15,8 +15,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from facility import __version__
 from facility.config import FacilityConfig, load_config
 from facility.errors import FacilityError, UsageError
+from facility.text import plural
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -185,8 +187,8 @@ def _headline(summary: dict[str, Any]) -> str:
         parts.append(f"{chunks['resumed']} from the journal")
     if summary["files"].get("skipped"):
         parts.append(f"{summary['files']['skipped']} files skipped whole")
-    return (f"[bold]events[/bold] {summary['events']:,} in {chunks['done']} chunks "
-            f"({', '.join(parts)}) on {summary['workers_used']} workers; "
+    return (f"[bold]events[/bold] {summary['events']:,} in {plural(chunks['done'], 'chunk')} "
+            f"({', '.join(parts)}) on {plural(summary['workers_used'], 'worker')}; "
             f"{summary['wall_seconds']:.1f} s, {summary['events_per_second']:,.0f} events/s")
 
 
@@ -214,11 +216,14 @@ def print_summary(summary: dict[str, Any]) -> None:
     for retired in summary.get("workers_retired", []):
         console.print(f"  [yellow]retired[/yellow] worker {escape(retired['worker'])}: "
                       f"{escape(retired['reason'])}")
-    fit = summary.get("analysis", {}).get("fit")
+    analysis = summary.get("analysis", {})
+    fit = analysis.get("fit")
     if fit:
         console.print(f"[bold]Z peak[/bold] fitted at {fit['peak']:.3f} ± {fit['peak_error']:.3f} "
                       f"GeV (resolution {fit['sigma']:.2f} GeV, width {fit['width']:.2f} "
                       f"GeV, χ²/ndf {fit['chi2_per_dof']:.2f})")
+    elif analysis.get("fit_error"):
+        console.print(f"  [yellow]no fit[/yellow] {escape(analysis['fit_error'])}", soft_wrap=True)
     outputs = summary.get("outputs", {})
     for key in ("histograms", "plot", "ledger"):
         if key in outputs:
@@ -352,6 +357,10 @@ def _parameters(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_submit(args: argparse.Namespace) -> int:
     from facility.batch import submit
 
+    if None not in (args.min_workers, args.max_workers) and args.min_workers > args.max_workers:
+        raise UsageError(f"--min-workers {args.min_workers} is more than --max-workers "
+                         f"{args.max_workers}")
+
     job = submit(args.path, _parameters(args), args=args.args, workers=args.workers,
                  min_workers=args.min_workers, max_workers=args.max_workers, threads=args.threads,
                  memory=args.memory, gpus=args.gpus, name=args.name, config=_config(args))
@@ -405,6 +414,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.job is None:
         raise UsageError(f"`facility jobs {args.action}` needs a job id; `facility jobs list` "
                           "shows yours")
+    if args.action == "logs":
+        return _job_logs(runner, args.job, follow=args.follow)
     return JOB_ACTIONS[args.action](runner, args.job)
 
 
@@ -413,9 +424,26 @@ def _job_status(runner: Any, job_id: int) -> int:
     return 0
 
 
-def _job_logs(runner: Any, job_id: int) -> int:
-    text = runner.logs(runner.status(job_id))
-    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+def _job_logs(runner: Any, job_id: int, follow: bool = False, every: float = 1.0) -> int:
+    """The job's log; with ``follow``, what it adds as it runs, until the job ends."""
+    from facility.batch.model import FINISHED
+
+    shown = ""
+    while True:
+        job = runner.status(job_id)
+        text = runner.logs(job)
+        new = text[len(shown):] if text.startswith(shown) else text
+        sys.stdout.write(new)
+        sys.stdout.flush()
+        shown = text
+        if not follow or job.state in FINISHED:
+            break
+        time.sleep(every)
+    if shown and not shown.endswith("\n"):
+        sys.stdout.write("\n")
+    if follow:
+        console.print(f"job {job.id}: {job.state}" + (f": {job.error}" if job.error else ""),
+                      soft_wrap=True)
     return 0
 
 
@@ -439,6 +467,19 @@ JOB_ACTIONS: dict[str, Callable[[Any, int], int]] = {
     "status": _job_status, "logs": _job_logs, "cancel": _job_cancel, "outputs": _job_outputs}
 
 
+def count(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        return value
+    return parse
+
+
 def _submit_parser(sub: Any) -> None:
     submit = sub.add_parser("submit", help="run a notebook or script as a batch job",
                             description="Run a notebook (papermill) or script as a batch job "
@@ -451,12 +492,12 @@ def _submit_parser(sub: Any) -> None:
                         help="notebook parameter; the value is read as YAML (5000, true, [a, b])")
     submit.add_argument("-r", "--raw-parameter", nargs=2, action="append",
                         metavar=("NAME", "VALUE"), help="notebook parameter kept as text")
-    submit.add_argument("--workers", type=int, help="workers of the job's cluster (0: none)")
-    submit.add_argument("--min-workers", type=int)
-    submit.add_argument("--max-workers", type=int)
-    submit.add_argument("--threads", type=int, help="threads per worker")
+    submit.add_argument("--workers", type=count(0), help="workers of the job's cluster (0: none)")
+    submit.add_argument("--min-workers", type=count(0), help="fewest workers the cluster scales to")
+    submit.add_argument("--max-workers", type=count(0), help="most workers the cluster scales to")
+    submit.add_argument("--threads", type=count(1), help="threads per worker")
     submit.add_argument("--memory", help="memory per worker, e.g. 4GiB")
-    submit.add_argument("--gpus", type=int, help="GPUs per worker")
+    submit.add_argument("--gpus", type=count(0), help="GPUs per worker")
     submit.add_argument("--name", help="a label for the job (default: the file name)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
     submit.set_defaults(func=cmd_submit)
@@ -465,11 +506,14 @@ def _submit_parser(sub: Any) -> None:
     jobs.add_argument("action", nargs="?", default="list",
                       choices=["list", "status", "logs", "cancel", "outputs"])
     jobs.add_argument("job", nargs="?", type=int, help="job id")
+    jobs.add_argument("-f", "--follow", action="store_true",
+                      help="with logs: keep printing what the job writes until it ends")
     jobs.set_defaults(func=cmd_jobs)
 
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="facility", description=__doc__)
+    top.add_argument("--version", action="version", version=f"facility {__version__}")
     top.add_argument("--config", help="configuration file (default: $FACILITY_CONFIG or ./facility.yaml)")
     sub = top.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="start the embedded facility").set_defaults(func=cmd_up)
@@ -615,8 +659,25 @@ def _report_error(exc: FacilityError) -> None:
         err_console.print(f"  {note}", markup=False, soft_wrap=True)
 
 
+def _script_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``facility submit PATH [options] -- ARGS``: what follows ``--`` is the script's, whatever
+    options come before it (argparse alone would not give it to the script's arguments)."""
+    if "submit" in argv and "--" in argv[argv.index("submit"):]:
+        cut = argv.index("--", argv.index("submit"))
+        return argv[:cut], argv[cut + 1:]
+    return argv, []
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    own, script = _script_arguments(argv)
+    args = parser().parse_args(own)
+    if script:
+        args.args = [*args.args, *script]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else list(argv))
     try:
         return int(args.func(args))
     except FacilityError as exc:

@@ -214,6 +214,21 @@ def test_a_failing_cell_fails_the_job_and_its_logs_show_the_cell(
     assert (record.output_dir / "broken.ipynb").exists()  # executed up to the failure
 
 
+def test_logs_follow_a_running_job_to_its_end(
+        facility_config: FacilityConfig, as_user: Callable[[str], None], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    as_user("follow-user")
+    script = tmp_path / "talk.py"
+    script.write_text("import time\nfor n in range(3):\n"
+                      "    print(f'line {n}', flush=True)\n    time.sleep(1)\n")
+    handle = facility.submit(script, workers=0)
+    assert cli(facility_config, "jobs", "logs", str(handle.id), "--follow") == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("line ")] == \
+        ["line 0", "line 1", "line 2"]  # each once, in order
+    assert f"job {handle.id}: succeeded" in out
+
+
 def test_bad_input_is_refused_naming_the_culprit(
         facility_config: FacilityConfig, as_user: Callable[[str], None], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -467,3 +482,48 @@ def test_a_job_whose_pod_may_not_be_looked_at_fails_once_patience_is_out() -> No
     assert why in late
     assert "get and list on pods and events in namespace facility-alice" in late
     assert unwatchable(503, "unavailable", "alice-job-7-runner", "facility-alice", 5000, 900) is None
+
+
+# -- the command line of batch jobs ------------------------------------------------------------
+
+
+def test_script_arguments_after_the_double_dash_reach_the_script() -> None:
+    from facility.cli import parse
+
+    args = parse(["submit", "skim.py", "--workers", "2", "--", "--year", "2018", "--out", "s.root"])
+    assert (args.path, args.workers, args.args) == ("skim.py", 2, ["--year", "2018", "--out", "s.root"])
+    plain = parse(["submit", "skim.py", "2018"])
+    assert plain.args == ["2018"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--threads", "0"], "argument --threads: 0 is less than 1"),
+    (["--workers", "-1"], "argument --workers: -1 is less than 0"),
+    (["--gpus", "two"], "argument --gpus: 'two' is not a whole number"),
+])
+def test_impossible_cluster_sizes_are_refused_at_submit(argv: list[str], message: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as refused:
+        main(["submit", "skim.py", *argv])
+    assert refused.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_more_minimum_than_maximum_workers_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["submit", "skim.py", "--min-workers", "3", "--max-workers", "1"]) == 2
+    assert "--min-workers 3 is more than --max-workers 1" in capsys.readouterr().err
+
+
+def test_requests_read_as_english() -> None:
+    assert WorkerRequest(1, 1, threads=1, memory=2**30).describe() == "1 worker of 1 thread, 1.00 GiB"
+    assert WorkerRequest(2, 8, threads=4, memory=2**30, gpus=1).describe() == \
+        "2..8 workers of 4 threads, 1.00 GiB, 1 GPU"
+
+
+def test_the_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    from facility import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"facility {__version__}"

@@ -66,6 +66,41 @@ def test_ttbar_and_collision_data(facility_config: FacilityConfig) -> None:
     data = run("dimuon", "Data", config=facility_config, output=False)
     assert "genWeight" not in data.summary["columns_read"]
     assert abs(data.summary["analysis"]["fit"]["peak"] - 91.19) < 1.0
+    assert data.summary["analysis"]["pairs"] == data.output["cutflow"]["Data"]["opposite_sign"]
+    no_z = run("dimuon", "TT", config=facility_config, output=False).summary["analysis"]
+    assert no_z["fit"] is None
+    assert "Z peak" in no_z["fit_error"] or "too few" in no_z["fit_error"]
+
+
+def _z_sample(peak: float | None, weight: float, rng: np.random.Generator) -> dict[str, Any]:
+    """A dimuon result: a falling continuum, a Breit-Wigner peak if asked, with genWeight-like
+    weights of either sign."""
+    from facility.processing.processors.dimuon import mass_histogram
+
+    masses = 40 + rng.exponential(25.0, 20_000)
+    if peak is not None:
+        masses = np.concatenate([masses, peak + 1.25 * rng.standard_cauchy(8_000)])
+    masses = masses[(masses > 40) & (masses < 200)]
+    weights = weight * rng.choice([1.0, 1.0, 1.0, -1.0], len(masses))
+    histogram = mass_histogram()
+    histogram.fill(dataset="S", mass=masses, weight=weights)
+    return {"mass": histogram, "cutflow": {"S": {"opposite_sign": len(masses)}}}
+
+
+def test_the_dimuon_summary_counts_pairs_and_fits_only_a_z_peak() -> None:
+    from facility.processing.processors.dimuon import summarize_z_peak
+
+    with_z = _z_sample(91.19, 26_000.0, np.random.default_rng(7))
+    z = summarize_z_peak(with_z)
+    assert z["pairs"] == with_z["cutflow"]["S"]["opposite_sign"]  # a count, not a sum of weights
+    assert z["weighted_pairs"] != z["pairs"]
+    assert abs(z["fit"]["peak"] - 91.19) < 0.5
+    shifted = summarize_z_peak(_z_sample(99.4, 1.0, np.random.default_rng(7)))
+    assert shifted["fit"] is None
+    assert shifted["fit_error"].startswith("no Z peak: the fit put a peak at 99.")
+    continuum = summarize_z_peak(_z_sample(None, 1.0, np.random.default_rng(7)))
+    assert continuum["fit"] is None
+    assert "Z peak" in continuum["fit_error"]
 
 
 def _catalog_with(config: FacilityConfig, name: str, files: list[tuple[str, int]],

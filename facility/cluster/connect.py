@@ -30,6 +30,7 @@ from facility.cluster.base import ClusterBackend, ClusterError, ClusterInfo, Own
 from facility.cluster.limits import Identity, WorkerRequest, granted_request
 from facility.cluster.versions import check_versions
 from facility.config import FacilityConfig, load_config
+from facility.text import plural
 
 
 class FacilityCluster:
@@ -83,7 +84,7 @@ class FacilityCluster:
         """Why workers are not running (limits, local resources, pending pods and their events)."""
         client = self._client()
         have = len(client.scheduler_info(n_workers=-1)["workers"])
-        lines = [f"cluster {self.name!r} ({self.backend.backend_name}): {have} workers running, "
+        lines = [f"cluster {self.name!r} ({self.backend.backend_name}): {plural(have, 'worker')} running, "
                  f"asked for {self.backend.request.describe()}"]
         lines += [f"  - {reason}" for reason in self.backend.explain(client)]
         return "\n".join(lines)

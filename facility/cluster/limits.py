@@ -15,6 +15,7 @@ from dask.utils import format_bytes, parse_bytes
 
 from facility.config import FacilityConfig, Limits
 from facility.errors import UsageError
+from facility.text import plural
 
 USER_ENV = "JUPYTERHUB_USER"
 GROUPS_ENV = "FACILITY_GROUPS"
@@ -70,9 +71,14 @@ class WorkerRequest:
         return cls(**{**record, "notes": tuple(record.get("notes", ()))})
 
     def describe(self) -> str:
-        gpu = f", {self.gpus} GPU" if self.gpus else ""
-        return (f"{self.min_workers}..{self.max_workers} workers of {self.threads} threads, "
+        """``2..8 workers of 4 threads, 8.00 GiB`` (``1 worker of 1 thread`` for one)."""
+        gpu = f", {plural(self.gpus, 'GPU')}" if self.gpus else ""
+        span = str(self.min_workers) if self.min_workers == self.max_workers else \
+            f"{self.min_workers}..{self.max_workers}"
+        workers = "worker" if self.max_workers == 1 else "workers"
+        return (f"{span} {workers} of {plural(self.threads, 'thread')}, "
                 f"{format_bytes(self.memory)}{gpu}")
+
 
 
 def _pick(value: int | str | None, default: int) -> int | str:

@@ -146,6 +146,7 @@ def fit_peak(h: hist.Hist, low: float, high: float, guess: float, width: float) 
     chi2 = float(np.sum(((y - line_shape(x, *params)) / errors) ** 2))
     return {
         "peak": float(params[1]), "peak_error": float(np.sqrt(cov[1, 1])),
+        "significance": float(abs(params[0]) / np.sqrt(cov[0, 0])) if cov[0, 0] > 0 else 0.0,
         "sigma": float(abs(params[2])), "width": 2 * float(abs(params[3])),
         "chi2_per_dof": chi2 / max(len(x) - len(params), 1),
         "low": low, "high": high, "parameters": [float(p) for p in params],

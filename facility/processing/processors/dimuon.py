@@ -35,6 +35,12 @@ def pair_mass(pairs: Any) -> np.ndarray:
     return np.sqrt(np.maximum(m1**2 + m2**2 + 2.0 * (energy1 * energy2 - momenta), 0.0))
 
 
+Z_MASS = 91.1876  # GeV
+Z_WINDOW = 5.0  # GeV: detector scale and resolution shift a Z peak by far less
+MIN_SIGNIFICANCE = 5.0
+MIN_PAIRS_TO_FIT = 50
+
+
 class DimuonProcessor(ProcessorABC):
     """Events with exactly two muons of opposite charge; fills their invariant mass."""
 
@@ -68,18 +74,36 @@ class DimuonProcessor(ProcessorABC):
 
 
 def summarize_z_peak(result: dict[str, Any]) -> dict[str, Any]:
-    """Fit the Z peak of the summed mass histogram (all datasets)."""
+    """Fit the Z peak of the summed mass histogram (all datasets), and report it only when there
+    is one: a sample without a Z (top pairs, a narrow mass window) gets the reason instead."""
     from facility.processing.output import fit_peak
 
     mass = result["mass"].project("mass")
-    analysis: dict[str, Any] = {"histogram": "mass", "pairs": float(mass.values().sum())}
-    if mass.values().sum() < 50:
+    pairs = sum(int(flow.get("opposite_sign", 0)) for flow in result.get("cutflow", {}).values())
+    analysis: dict[str, Any] = {"histogram": "mass", "pairs": pairs,
+                                "weighted_pairs": float(mass.values().sum())}
+    if pairs < MIN_PAIRS_TO_FIT:
         analysis["fit"] = None
-        analysis["fit_error"] = "too few dimuon pairs to fit"
+        analysis["fit_error"] = f"too few dimuon pairs to fit ({pairs}, at least {MIN_PAIRS_TO_FIT})"
         return analysis
     try:
-        analysis["fit"] = fit_peak(mass, low=70.0, high=112.0, guess=91.0, width=2.5)
+        fit = fit_peak(mass, low=70.0, high=112.0, guess=Z_MASS, width=2.5)
     except RuntimeError as exc:
         analysis["fit"], analysis["fit_error"] = None, str(exc)
+        return analysis
+    problem = not_a_z_peak(fit)
+    analysis["fit"] = None if problem else fit
+    if problem:
+        analysis["fit_error"], analysis["rejected_fit"] = problem, fit
     return analysis
 
+
+def not_a_z_peak(fit: dict[str, Any]) -> str | None:
+    """Why a fit is not a Z peak: too far from the Z mass, or no significant peak at all."""
+    if abs(fit["peak"] - Z_MASS) > Z_WINDOW:
+        return (f"no Z peak: the fit put a peak at {fit['peak']:.1f} GeV, more than {Z_WINDOW:.0f} "
+                f"GeV from the Z mass ({Z_MASS} GeV)")
+    if fit["significance"] < MIN_SIGNIFICANCE:
+        return (f"no significant Z peak: its amplitude is {fit['significance']:.1f} standard "
+                f"deviations (at least {MIN_SIGNIFICANCE:.0f})")
+    return None
