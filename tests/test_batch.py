@@ -229,6 +229,27 @@ def test_logs_follow_a_running_job_to_its_end(
     assert f"job {handle.id}: succeeded" in out
 
 
+def test_job_records_logs_and_outputs_are_their_users_only(
+        facility_config: FacilityConfig, as_user: Callable[[str], None], tmp_path: Path) -> None:
+    from facility.batch.store import JobStore
+
+    as_user("private-user")
+    script = tmp_path / "write.py"
+    script.write_text("from facility.batch import output_folder\n"
+                      "(output_folder() / 'result.txt').write_text('42')\n")
+    record = ended(facility.submit(script, workers=0))
+    assert record.state == "succeeded"
+    store = JobStore.for_config(facility_config).path
+
+    def mode(path: Path) -> int:
+        return path.stat().st_mode & 0o777
+
+    assert (mode(store.parent), mode(store)) == (0o700, 0o600)
+    assert mode(record.output_dir) == 0o700
+    assert mode(record.output_dir / "result.txt") == 0o600
+    assert mode(record.log_path) == 0o600
+
+
 def test_bad_input_is_refused_naming_the_culprit(
         facility_config: FacilityConfig, as_user: Callable[[str], None], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:

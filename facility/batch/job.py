@@ -107,6 +107,7 @@ def record(runner: JobRunner, job: Job, outcome: Outcome) -> None:
 
 
 def main(argv: list[str]) -> int:
+    os.umask(0o077)  # outputs and records of a job are its user's only, on any runner
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
     config = load_config()
     runner = runner_for(config)

@@ -30,9 +30,10 @@ from facility.embedded.services import live_process
 KILL_GRACE_SECONDS = 10.0
 LAUNCH_TIMEOUT_SECONDS = 60.0
 LAUNCHER = """
-import json, subprocess, sys
+import json, os, subprocess, sys
 import psutil
 argv, log, cwd = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+os.umask(0o077)  # the log and whatever the job writes: its user's only
 with open(log, "ab") as out:
     job = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                            cwd=cwd, start_new_session=True)
@@ -68,6 +69,7 @@ class LocalRunner(JobRunner):
     def launch(self, job: Job) -> dict[str, Any]:
         _snapshot, environment = self.inputs(job)
         job.output_dir.mkdir(parents=True, exist_ok=True)
+        job.output_dir.chmod(0o700)
         argv = [sys.executable, "-m", "facility.batch.job", str(job.id)]
         launched = subprocess.run(
             [sys.executable, "-c", LAUNCHER, json.dumps(argv), str(job.log_path), str(job.output_dir)],

@@ -10,6 +10,7 @@ a slot at the same moment cannot start more jobs than the user's limit.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +58,9 @@ class JobStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.chmod(0o700)  # users' jobs, parameters and reasons: not for other accounts
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        path.chmod(0o600)
         with self._transaction() as db:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
