@@ -511,8 +511,25 @@ def _submit_parser(sub: Any) -> None:
     jobs.set_defaults(func=cmd_jobs)
 
 
+DESCRIPTION = """\
+The analysis facility: the embedded facility on this machine, runs of coffea
+processors over catalogued datasets, batch jobs and the data catalog.
+`facility COMMAND --help` tells more of each command."""
+EXAMPLES = """examples:
+  facility up                                  start the embedded facility
+  facility data list                           the datasets in the catalog
+  facility run dimuon -d DYJetsToMuMu          run a processor over a dataset
+  facility submit zpeak_job.ipynb -p dataset DYJetsToMuMu --workers 4
+  facility submit skim.py --workers 2 -- --year 2018
+  facility jobs logs 12 --follow               a job's log as it runs
+  facility clusters                            your Dask clusters
+  facility down                                stop it all
+"""
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="facility", description=__doc__)
+    top = argparse.ArgumentParser(prog="facility", description=DESCRIPTION, epilog=EXAMPLES,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--version", action="version", version=f"facility {__version__}")
     top.add_argument("--config", help="configuration file (default: $FACILITY_CONFIG or ./facility.yaml)")
     sub = top.add_subparsers(dest="command", required=True)

@@ -8,6 +8,7 @@ test configuration (one running job) is each test's own.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -548,3 +549,23 @@ def test_the_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == f"facility {__version__}"
+
+
+def test_the_help_describes_every_command_and_shows_examples(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from facility.cli import parse, parser
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text
+    assert "examples:" in text
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    described = {c.dest: c.help for c in commands._choices_actions}
+    assert set(described) == set(commands.choices)
+    assert all(described.values())
+    examples = [line.strip().split("  ")[0].split()[1:] for line in
+                text.split("examples:")[1].splitlines() if line.strip().startswith("facility ")]
+    assert len(examples) >= 5
+    for argv in examples:  # each example is a command line the parser takes
+        assert parse(argv).command == argv[0]
