@@ -20,8 +20,9 @@ from facility.config import FacilityConfig, load_config
 from facility.errors import FacilityError, UsageError
 from facility.text import plural
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# piped output (`| cat`, a log file) is never wrapped: paths and URLs stay whole
+console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+err_console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
 def _config(args: argparse.Namespace) -> FacilityConfig:

@@ -391,12 +391,14 @@ def test_command_line_run_and_data(facility_config: FacilityConfig, tmp_path: Pa
     config_file = str(facility_config.home / "facility.yaml")
     assert main(["--config", config_file, "data", "list"]) == 0
     assert main(["--config", config_file, "data", "show", "DY"]) == 0
-    out_dir = tmp_path / "cli-run"
+    out_dir = tmp_path / ("a-folder-deep-enough-that-its-paths-pass-80-columns-" * 2) / "cli-run"
     assert main(["--config", config_file, "run", "dimuon", "-d", "DY", "--output",
                  str(out_dir)]) == 0
     printed = capsys.readouterr().out
     assert "Z peak" in printed
     assert "40,000" in printed
+    for name in ("histograms.root", "summary.json"):  # piped output keeps paths whole
+        assert any(str(out_dir / name) in line for line in printed.splitlines())
     assert json.loads((out_dir / "summary.json").read_text())["events"] == 40000
     assert main(["--config", config_file, "run", "dimuon", "-d", "Nope"]) == 2
     assert "unknown dataset 'Nope'" in capsys.readouterr().err
