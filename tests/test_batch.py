@@ -275,6 +275,10 @@ def test_bad_input_is_refused_naming_the_culprit(
         capsys.readouterr().err
     assert cli(facility_config, "submit", str(path), "-p", "dataset", "[DY") == 2
     assert "parameter 'dataset': '[DY' is not a YAML value" in capsys.readouterr().err
+    assert cli(facility_config, "submit", str(path), "-p", "dataset", "DYY") == 2
+    assert "parameter dataset: unknown dataset 'DYY'; the catalog holds: " in capsys.readouterr().err
+    with pytest.raises(JobInputError, match=r"parameter dataset: unknown dataset 'Nope'"):
+        facility.submit(path, {"dataset": ["DY", "Nope"]})
     assert jobs() == []
 
 

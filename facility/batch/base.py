@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from facility.batch.inputs import JobInput, job_input
-from facility.batch.model import Job, JobAccessError, JobError, JobState, job_cluster_name
+from facility.batch.model import (
+    Job,
+    JobAccessError,
+    JobError,
+    JobInputError,
+    JobState,
+    job_cluster_name,
+)
 from facility.batch.store import JobStore, batch_path
 from facility.cluster.base import ClusterBackend, Owner, backend_for, backend_name
 from facility.cluster.limits import Identity, WorkerRequest, granted_request
@@ -33,6 +40,8 @@ from facility.config import CONFIG_ENV, FacilityConfig
 # A job's own process records its handle within moments of being started; a running job without
 # one after this long was lost between the claim and the start (its starter died).
 START_GRACE_SECONDS = 120.0
+# notebook parameters that name catalog datasets, checked at submit
+DATASET_PARAMETERS = {"dataset", "datasets"}
 # Variables of the submitting notebook kernel that must not leak into a job: the kernel's own
 # plumbing, its inline plot backend, the server's API token (revoked when the server stops) and
 # a surrounding job's cluster (a job submitted from a job gets its own).
@@ -132,6 +141,7 @@ class JobRunner(ABC):
         who = Identity.current(env)
         self.check_setup()
         checked = job_input(path, parameters, args, self.config.batch.kernel)
+        self.check_datasets(checked.parameters)
         request = self.job_request(who, asked or {})
         self.reap(who.user)
         with self.store.adding(who.user, checked.kind, str(checked.path), checked.parameters,
@@ -140,6 +150,21 @@ class JobRunner(ABC):
             self._prepare(job_id, checked, env)
         self.start_queued(who.user)
         return self.own(job_id, who)
+
+    def check_datasets(self, parameters: dict[str, Any]) -> None:
+        """A notebook's ``dataset`` or ``datasets`` parameter names catalog datasets: an unknown
+        one is refused now, not when the job has started."""
+        from facility.data.catalog import CatalogError, load_catalog
+
+        for key in DATASET_PARAMETERS & set(parameters):
+            value = parameters[key]
+            names = [value] if isinstance(value, str) else list(value or [])
+            catalog = load_catalog(self.config.catalog_path)
+            for name in names:
+                try:
+                    catalog.get(str(name))
+                except CatalogError as unknown:
+                    raise JobInputError(f"parameter {key}: {unknown}") from None
 
     def job_request(self, who: Identity, asked: dict[str, Any]) -> WorkerRequest | None:
         """The job's cluster within the user's limits; None for a job without a cluster."""
