@@ -360,3 +360,21 @@ def test_cluster_names_keep_their_own_part_when_the_user_name_is_long() -> None:
     assert len(names) == 3
     assert all(len(n) <= 50 and n[-1] != "-" and "-job-" in n for n in names)
     assert cluster_name(Identity("Alice.Smith"), "Z peak") == "alice-smith---2ece8250-z-peak"
+
+
+def test_asking_a_running_cluster_for_another_size_says_it_keeps_its_own(
+        facility_config: FacilityConfig, capsys: pytest.CaptureFixture[str]) -> None:
+    from facility.cluster.base import backend_for
+
+    backend_for(facility_config).start()
+    capsys.readouterr()
+    backend_for(facility_config).start()
+    assert "already runs with" not in capsys.readouterr().err  # the same request: nothing to say
+    bigger = facility_config.model_copy(deep=True)
+    bigger.cluster.max_workers = facility_config.cluster.max_workers + 1
+    backend = backend_for(bigger)
+    backend.start()
+    told = capsys.readouterr().err
+    assert f"cluster {backend.name!r} already runs with" in told
+    assert "this asks for" in told
+    assert f"facility clusters stop {backend.name}" in told

@@ -89,11 +89,25 @@ class LocalBackend(ClusterBackend):
         lock: the first starts it, the others wait and attach to it."""
         running = self.running()
         if running is not None:
+            self._tell_if_sized_otherwise()
             return running
         lock = clusters_path(self.config) / f"{self.name}.lock"
         with file_lock(lock, 2 * self.config.cluster.worker_start_timeout,
                        f"cluster {self.name!r} to start"):
             return self._start_locked()
+
+    def _tell_if_sized_otherwise(self) -> None:
+        """A running cluster keeps the size it started with: say so when this request (the
+        configuration, FACILITY_CLUSTER__* settings) asks for another one."""
+        try:
+            started = WorkerRequest.from_record(
+                json.loads((self.folder / "spec.json").read_text())["request"])
+        except (OSError, KeyError, ValueError, TypeError):
+            return
+        if started.describe() != self.request.describe():
+            print(f"facility: cluster {self.name!r} already runs with {started.describe()}; "
+                  f"this asks for {self.request.describe()}. Stop it to start it anew "
+                  f"(`facility clusters stop {self.name}`).", file=sys.stderr)
 
     def _start_locked(self) -> ClusterInfo:
         running = self.running() or self._starting_elsewhere()
