@@ -43,7 +43,8 @@ PLACEHOLDER = "__USERNAME__"
 
 
 def namespace_objects(text: str, username: str) -> list[dict[str, Any]]:
-    """The objects of ``username``'s namespace, from the chart's rendering for the placeholder."""
+    """What the hub makes for ``username`` (their namespace and its objects, or their account
+    in a shared one), from the chart's rendering for the placeholder."""
     return [doc for doc in yaml.safe_load_all(text.replace(PLACEHOLDER, username)) if doc]
 
 
@@ -55,7 +56,8 @@ def namespace_labels(text: str) -> dict[str, str]:
 
 
 class FacilityKubeSpawner(KubeSpawner):
-    """KubeSpawner whose server credentials reach the pod through a Secret."""
+    """KubeSpawner whose server credentials reach the pod through a Secret, and that makes a
+    user's objects before their first server."""
 
     credential_variables = List(
         Unicode(), default_value=["JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN", "FACILITY_ACCESS_TOKEN"],
