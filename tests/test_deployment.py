@@ -238,6 +238,7 @@ def test_server_pods_fit_a_node_pool_and_get_the_profile_resources(
 
 def test_servers_get_their_tokens_from_a_secret_of_their_own(deployment: dict[str, Any]) -> None:
     for server in deployment["servers"]:
+        assert server["hooks"] == ["_write_credentials", "_own_credentials"]  # the spawner's
         pod, secret = server["pod"], server["secret"]
         user = pod["metadata"]["labels"]["hub.jupyter.org/username"]
         env = container_env(pod)

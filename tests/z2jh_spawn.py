@@ -50,6 +50,8 @@ async def _server(app: JupyterHub, request: dict[str, Any]) -> dict[str, Any]:
     return {"pod": ApiClient().sanitize_for_serialization(pod),
             "secret": ApiClient().sanitize_for_serialization(secret),
             "namespace": spawner.namespace,
+            "hooks": [getattr(getattr(spawner, h, None), "__name__", None)
+                      for h in ("modify_pod_hook", "after_pod_created_hook")],
             "namespace_labels": spawner._expand_all(spawner.user_namespace_labels),
             "namespace_objects_file": getattr(spawner, "namespace_objects_file", ""),
             "enable_user_namespaces": spawner.enable_user_namespaces,

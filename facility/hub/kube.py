@@ -35,9 +35,11 @@ from kubernetes_asyncio.client.rest import ApiException
 from kubernetes_asyncio.utils import FailToCreateError, create_from_dict
 from kubespawner import KubeSpawner
 from kubespawner.objects import make_owner_reference
-from traitlets import List, Unicode, default, validate
+from traitlets import List, Unicode, validate
 
 HTTP_CONFLICT = 409
+# KubeSpawner's hooks the spawner fills (with the functions of OUR_HOOKS, at the end)
+HOOKS = ("modify_pod_hook", "after_pod_created_hook")
 # the user the chart renders a user's objects for, in user-objects.yaml
 PLACEHOLDER = "__USERNAME__"
 
@@ -102,22 +104,15 @@ class FacilityKubeSpawner(KubeSpawner):
                         metadata=V1ObjectMeta(name=self.credentials_secret_name, labels=labels,
                                               owner_references=owners))
 
-    # the Secret's hooks run whatever an operator configures: theirs come after
-    @default("modify_pod_hook")
-    def _write_credentials_first(self) -> Any:
-        return _write_credentials
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for hook in HOOKS:  # set once more, so that a hook left unset gets ours too
+            setattr(self, hook, getattr(self, hook))
 
-    @validate("modify_pod_hook")
-    def _keep_writing_credentials(self, proposal: Any) -> Any:
-        return _then(_write_credentials, proposal["value"])
-
-    @default("after_pod_created_hook")
-    def _give_credentials_to_the_pod(self) -> Any:
-        return _own_credentials
-
-    @validate("after_pod_created_hook")
-    def _keep_giving_credentials(self, proposal: Any) -> Any:
-        return _then(_own_credentials, proposal["value"])
+    @validate(*HOOKS)
+    def _ours_first(self, proposal: Any) -> Any:
+        """The Secret's hooks run whatever an operator configures; theirs come after."""
+        return _then(OUR_HOOKS[proposal["trait"].name], proposal["value"])
 
 
 def _then(ours: Any, theirs: Any) -> Any:
@@ -169,3 +164,7 @@ async def _make_user_objects(spawner: FacilityKubeSpawner) -> None:
         except FailToCreateError as failed:
             if any(e.status != HTTP_CONFLICT for e in failed.api_exceptions):
                 raise
+
+
+# before the pod: its Secret; once the pod exists: the pod owns it
+OUR_HOOKS = {"modify_pod_hook": _write_credentials, "after_pod_created_hook": _own_credentials}
