@@ -35,11 +35,9 @@ from kubernetes_asyncio.client.rest import ApiException
 from kubernetes_asyncio.utils import FailToCreateError, create_from_dict
 from kubespawner import KubeSpawner
 from kubespawner.objects import make_owner_reference
-from traitlets import List, Unicode, validate
+from traitlets import List, Unicode
 
 HTTP_CONFLICT = 409
-# KubeSpawner's hooks the spawner fills (with the functions of OUR_HOOKS, at the end)
-HOOKS = ("modify_pod_hook", "after_pod_created_hook")
 # the user the chart renders a user's objects for, in user-objects.yaml
 PLACEHOLDER = "__USERNAME__"
 
@@ -106,13 +104,9 @@ class FacilityKubeSpawner(KubeSpawner):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        for hook in HOOKS:  # set once more, so that a hook left unset gets ours too
-            setattr(self, hook, getattr(self, hook))
-
-    @validate(*HOOKS)
-    def _ours_first(self, proposal: Any) -> Any:
-        """The Secret's hooks run whatever an operator configures; theirs come after."""
-        return _then(OUR_HOOKS[proposal["trait"].name], proposal["value"])
+        # the Secret's hooks come first; those an operator configured run after them
+        for hook, ours in OUR_HOOKS.items():
+            setattr(self, hook, _then(ours, getattr(self, hook)))
 
 
 def _then(ours: Any, theirs: Any) -> Any:
