@@ -283,9 +283,11 @@ def test_the_jupyterhub_chart_is_taken_from_the_kept_packages(tmp_path: Path) ->
     kept.mkdir()
     [package] = chart.DEPENDENCIES.glob("jupyterhub-4.*.tgz")
     shutil.copy(package, kept / package.name)
-    assert chart.assemble(tmp_path / "with", dependencies=kept) == []
+    bare = tmp_path / "chart"  # the chart as cloned (no `helm dependency build` run in it)
+    shutil.copytree(chart.CHART, bare, ignore=shutil.ignore_patterns("jupyterhub-*.tgz"))
+    assert chart.assemble(tmp_path / "with", bare, dependencies=kept) == []
     assert (tmp_path / "with" / "charts" / package.name).is_file()
-    [why] = chart.assemble(tmp_path / "without", dependencies=tmp_path / "nothing-here")
+    [why] = chart.assemble(tmp_path / "without", bare, dependencies=tmp_path / "nothing-here")
     assert "jupyterhub chart" in why
     assert "helm dependency build" in why
 
