@@ -18,6 +18,9 @@ from facility.data.samples import generate_samples
 from facility.embedded import facility as embedded
 from facility.embedded.services import free_port
 
+# the browser tests' fixtures (hub, browser), for every browser test module
+pytest_plugins = ("tests.browser",)
+
 REPO = Path(__file__).resolve().parent.parent
 REAL_SAMPLES = ("nano_dy.root", "nano_tt_v12.root", "nano_tt_v15.root", "nano_dy_rntuple.root",
                 "PHYSLITE_example.root")
