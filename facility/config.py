@@ -395,7 +395,16 @@ class HubConfig(_Strict):
     token_poll_seconds: float = Field(default=60.0, gt=0,
                                       description="how often a user server fetches its token")
     notebooks_dir: Path | None = Field(
-        default=None, description="notebooks copied into a new user's directory (local spawner)")
+        default=None, description="notebooks copied into a new user's home: on this machine "
+                                  "(local spawner), or in the user image (Kubernetes)")
+    first_notebook: str | None = Field(
+        default="quickstart.ipynb", pattern=r"^[^/].*\.ipynb$",
+        description="the notebook (in the home) a user's first server opens instead of the "
+                    "Launcher; null: the Launcher")
+    user_output_dir: str | None = Field(
+        default="facility-output", pattern=r"^[^/~]",
+        description="users' run and job outputs go to this folder of their server's home, "
+                    "where the file browser shows them; null: output_dir")
     access_token_seconds: int = Field(default=900, ge=60,
                                       description="access token lifetime (embedded provider)")
     token_refresh_seconds: int = Field(default=300, ge=30,

@@ -251,6 +251,32 @@ def test_job_records_logs_and_outputs_are_their_users_only(
     assert mode(record.log_path) == 0o600
 
 
+def test_outputs_of_a_users_server_land_in_its_home_and_jobs_stay_private(
+        facility_config: FacilityConfig, as_user: Callable[[str], None],
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The hub points a server's output area into its home (FACILITY_OUTPUT_DIR, see
+    hub.user_output_dir): runs, jobs and a notebook's outputs are where its file browser looks."""
+    from facility.batch import output_folder
+    from facility.config import load_config
+    from facility.processing.runfolder import RunFolder
+
+    as_user("home-user")
+    area = tmp_path / "home" / "facility-output"
+    monkeypatch.setenv("FACILITY_OUTPUT_DIR", str(area))
+    script = tmp_path / "write.py"
+    script.write_text("from facility.batch import output_folder\n"
+                      "(output_folder() / 'result.txt').write_text('42')\n")
+    handle = facility.submit(script, workers=0)
+    record = ended(handle)
+    assert record.state == "succeeded", handle.logs()
+    assert record.output_dir == area / "home-user" / "jobs" / str(record.id)
+    assert (record.output_dir / "result.txt").read_text() == "42"
+    assert [oct(p.stat().st_mode & 0o777) for p in (record.output_dir, record.output_dir /
+            "result.txt", record.log_path)] == ["0o700", "0o600", "0o600"]
+    assert output_folder() == area / "home-user" / "interactive"
+    assert RunFolder.for_new_run(load_config(), "zpeak", None, "run").path == area / "zpeak"
+
+
 def test_bad_input_is_refused_naming_the_culprit(
         facility_config: FacilityConfig, as_user: Callable[[str], None], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -345,11 +346,71 @@ def test_lab_sidebar_creates_scales_and_stops_a_facility_cluster(
         first, second, adaptive, stopped = asyncio.run(sidebar())
     finally:
         dask.config.refresh()
-    assert first["scheduler_address"].startswith("tls://")
+    assert first["scheduler_address"].startswith("facility://")  # the cluster's name
     assert first["dashboard_link"].startswith("http://127.0.0.1:")
     assert (first["workers"], second["workers"]) == (1, 2)
     assert adaptive["adapt"] == {"minimum": 1, "maximum": 2}
     assert stopped
+
+
+def test_lab_sidebar_lists_a_notebooks_cluster_inserts_code_that_connects_and_forgets_it(
+        facility_config: FacilityConfig, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """dask-labextension's own manager, kept in step by the facility: a cluster that a notebook
+    made with connect() is listed (with an id the extension's routes accept), the code of the
+    sidebar's <> button connects to it, and once it stops the sidebar lets go of it."""
+    import asyncio
+    import logging
+    import re
+
+    from dask_labextension.manager import DaskClusterManager
+
+    from facility.cluster.lab import ClusterSidebar, LabCluster
+
+    monkeypatch.setenv("FACILITY_CONFIG", str(facility_config.home / "facility.yaml"))
+    monkeypatch.setenv("JUPYTERHUB_USER", "sidebar-user")
+    notebook = connect("from-a-notebook", workers=1, config=facility_config)
+    name = _handle(notebook).name
+    # what the <> button inserts (dask-labextension's getClientCode)
+    inserted = 'from dask.distributed import Client\n\nclient = Client("{address}")\nclient'
+
+    async def sidebar() -> tuple[list[dict], dict, list[dict]]:
+        manager = DaskClusterManager()
+        await manager
+        watcher = ClusterSidebar(manager, facility_config)
+        await watcher.sync()
+        listed = manager.list_clusters()
+        [model] = listed
+        cluster = manager._clusters[model["id"]]
+        assert isinstance(cluster, LabCluster)
+        await watcher.sync()  # listed once, however often it looks
+        assert len(manager.list_clusters()) == 1
+        namespace: dict[str, Any] = {}
+        await asyncio.to_thread(exec, inserted.format(address=model["scheduler_address"]), namespace)
+        try:
+            answer = await asyncio.to_thread(lambda: namespace["client"].submit(sum, [1, 2]).result())
+        finally:
+            await asyncio.to_thread(namespace["client"].close)
+        await asyncio.to_thread(_handle(notebook).close)
+        caplog.clear()
+        await watcher.sync()
+        after = manager.list_clusters()
+        await asyncio.sleep(3)  # nothing polls the dead address
+        return listed, {"answer": answer, "closed": cluster.client.status}, after
+
+    with caplog.at_level(logging.INFO):
+        listed, used, after = asyncio.run(sidebar())
+    [model] = listed
+    assert model["name"] == name
+    assert re.fullmatch(r"\w+-\w+-\w+-\w+-\w+", model["id"])  # the extension's route for one cluster
+    assert model["scheduler_address"] == f"facility://{name}"
+    assert model["workers"] == 1
+    assert model["dashboard_link"].startswith("http://127.0.0.1:")
+    assert used == {"answer": 3, "closed": "closed"}
+    assert after == []
+    assert f"cluster {name} has stopped" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_cluster_names_keep_their_own_part_when_the_user_name_is_long() -> None:

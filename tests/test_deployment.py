@@ -256,6 +256,24 @@ def test_servers_get_their_tokens_from_a_secret_of_their_own(deployment: dict[st
             kubernetes_validate.validate(secret, version, strict=True)
 
 
+def test_a_users_first_server_opens_the_quickstart_notebook_and_keeps_outputs_at_home(
+        deployment: dict[str, Any]) -> None:
+    """Every server here is its spawner's first: JupyterLab opens the quick-start notebook,
+    which the pod copies from the image into the home, and runs and jobs write below the home;
+    terminals keep the image's PATH (the `facility` command) and JupyterLab asks no news."""
+    for server in deployment["servers"]:
+        pod = server["pod"]
+        env = container_env(pod)
+        assert env["JUPYTERHUB_DEFAULT_URL"]["value"] == "/lab/tree/quickstart.ipynb"
+        assert env["FACILITY_OUTPUT_DIR"]["value"] == "/home/jovyan/facility-output"
+        [notebook] = pod["spec"]["containers"]
+        assert "facility.hub.lab=True" in notebook["args"]
+        [terminals] = [a for a in notebook["args"] if a.startswith("--ServerApp.terminado_settings=")]
+        assert "FACILITY_SERVER_PATH" in terminals
+        copy = notebook["lifecycle"]["postStart"]["exec"]["command"]
+        assert "/opt/facility/notebooks/*.ipynb" in copy[-1]
+
+
 def test_the_hub_writes_server_secrets_without_reading_any(deployment: dict[str, Any]) -> None:
     objects, hub = deployment["objects"], (RELEASE_NAMESPACE, "hub")
     for server in deployment["servers"]:

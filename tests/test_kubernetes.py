@@ -210,3 +210,37 @@ def test_user_labels_are_the_slugs_the_hub_gives_user_servers(config: FacilityCo
     assert label == safe_slug("j.doe_2", max_length=48) != "j.doe_2"
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {
         "name": "w", "labels": {"facility.dev/user": label}}, "spec": {"containers": []}}, K8S_VERSION)
+
+
+def test_a_users_clusters_are_the_daskclusters_labelled_with_the_user(
+        config: FacilityConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the Dask sidebar lists on Kubernetes: the user's DaskClusters, found by the label the
+    manifests give them, in the namespace their clusters go to."""
+    import kr8s
+
+    asked: list[dict[str, Any]] = []
+
+    class Found:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    def get(kind: str, *names: str, **options: Any) -> list[Found]:
+        asked.append({"kind": kind, "names": names, "selector": options["label_selector"],
+                      "namespace": options["api"].namespace})
+        return [Found("alice-zpeak"), Found("alice-job-7")]
+
+    monkeypatch.setattr(kr8s, "get", get)
+    monkeypatch.setattr(kr8s, "api", lambda namespace: type("Api", (), {"namespace": namespace}))
+    found = KubernetesBackend.clusters_of(config, Identity("alice"))
+    assert [(b.name, b.identity.user) for b in found] == [("alice-zpeak", "alice"), ("alice-job-7", "alice")]
+    assert asked == [{"kind": "daskclusters", "names": (), "selector": {"facility.dev/user": "alice"},
+                      "namespace": "analysis"}]
+    manifest_labels = KubernetesBackend(config, "alice-zpeak", identity=Identity("alice")).manifests(
+        NOTEBOOK_ENV)[-2]["metadata"]["labels"]
+    assert manifest_labels["facility.dev/user"] == "alice"
+
+    def unreachable(*args: Any, **options: Any) -> list[Found]:
+        raise ConnectionError("no API server")
+
+    monkeypatch.setattr(kr8s, "get", unreachable)
+    assert KubernetesBackend.clusters_of(config, Identity("alice")) == []

@@ -112,6 +112,11 @@ class ClusterBackend(ABC):
     def scale(self, client: Client, n: int) -> dict:
         """Hold ``n`` workers (no more adapting)."""
 
+    @classmethod
+    @abstractmethod
+    def clusters_of(cls, config: FacilityConfig, identity: Identity) -> list[ClusterBackend]:
+        """The user's clusters of this kind that may be running (check with :meth:`running`)."""
+
     def granted(self, minimum: int, maximum: int) -> WorkerRequest:
         """A resize of this cluster as the owner's limits allow it (every resize goes through
         here: notebook, sidebar, command line)."""
@@ -179,11 +184,28 @@ def backend_name(config: FacilityConfig, environ: dict[str, str] | None = None) 
         else "local"
 
 
-def backend_for(config: FacilityConfig, name: str = "default", **options: Any) -> ClusterBackend:
-    """The backend the configuration selects."""
+def backend_class(config: FacilityConfig) -> type[ClusterBackend]:
+    """The kind of backend the configuration selects."""
     from facility.cluster.kubernetes import KubernetesBackend
     from facility.cluster.local import LocalBackend
 
     backends: dict[str, type[ClusterBackend]] = {LocalBackend.backend_name: LocalBackend,
                                                  KubernetesBackend.backend_name: KubernetesBackend}
-    return backends[backend_name(config)](config, name, **options)
+    return backends[backend_name(config)]
+
+
+def backend_for(config: FacilityConfig, name: str = "default", **options: Any) -> ClusterBackend:
+    """The backend the configuration selects."""
+    return backend_class(config)(config, name, **options)
+
+
+def running_clusters(config: FacilityConfig, identity: Identity | None = None
+                     ) -> list[tuple[ClusterBackend, ClusterInfo]]:
+    """The user's running clusters, whoever started them (a notebook, a command, the sidebar)."""
+    who = identity or Identity.current()
+    found = []
+    for backend in backend_class(config).clusters_of(config, who):
+        info = backend.running()
+        if info is not None:
+            found.append((backend, info))
+    return found

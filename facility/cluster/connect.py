@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import uuid
+from collections.abc import Generator
 from dataclasses import asdict
 from typing import Any
 
@@ -46,8 +47,16 @@ class FacilityCluster:
 
     @property
     def status(self) -> Status:
-        """What ``distributed.Client`` asks of a cluster object before connecting to it."""
+        """What ``distributed.Client`` asks of a cluster object before connecting to it, and
+        when it loses the scheduler (a client of a stopped cluster closes instead of trying
+        to reconnect)."""
         return Status.running if self.backend.running() is not None else Status.closed
+
+    def __await__(self) -> Generator[Any, None, FacilityCluster]:
+        """``distributed.Client`` awaits its cluster before connecting: it runs already."""
+        async def running() -> FacilityCluster:
+            return self
+        return running().__await__()
 
     @property
     def scheduler_address(self) -> str:

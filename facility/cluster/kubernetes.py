@@ -33,7 +33,9 @@ import dask.config
 from dask_kubernetes.operator.kubecluster.kubecluster import make_cluster_spec
 
 from facility.cluster.base import ClusterBackend, ClusterError, ClusterInfo
+from facility.cluster.limits import Identity
 from facility.cluster.security import FILES, create_credentials, pem_contents
+from facility.config import FacilityConfig
 
 IMAGE_ENV = "JUPYTER_IMAGE_SPEC"
 TLS_MOUNT = "/etc/facility/tls"
@@ -265,6 +267,19 @@ class KubernetesBackend(ClusterBackend):
         host = f"{self.name}-scheduler.{self.config.cluster.kubernetes.namespace}"
         return ClusterInfo(self.name, self.backend_name, f"tls://{host}:{SCHEDULER_PORT}", host,
                            DASHBOARD_PORT, self.identity.user, None, self.request.notes)
+
+    @classmethod
+    def clusters_of(cls, config: FacilityConfig, identity: Identity) -> list[ClusterBackend]:
+        """The DaskClusters labelled with the user, in the namespace the user's clusters go to."""
+        import kr8s
+
+        api = kr8s.api(namespace=config.cluster.kubernetes.namespace)
+        try:
+            found = kr8s.get("daskclusters", label_selector={USER_LABEL: user_label(identity.user)},
+                             api=api)
+            return [cls(config, obj.name, identity=identity) for obj in found]
+        except Exception:  # noqa: BLE001 (unreachable API: no cluster is known to run)
+            return []
 
     def stop(self) -> bool:
         import kr8s

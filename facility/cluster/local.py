@@ -166,6 +166,10 @@ class LocalBackend(ClusterBackend):
         shutil.rmtree(self.folder, ignore_errors=True)
         return stopped
 
+    @classmethod
+    def clusters_of(cls, config: FacilityConfig, identity: Identity) -> list[ClusterBackend]:
+        return [c for c in local_clusters(config) if c.identity.user == identity.user]
+
     def adapt(self, client: Any, minimum: int, maximum: int) -> dict:
         return client.sync(client.scheduler.facility_adapt, minimum=minimum, maximum=maximum)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import urllib.parse
 import urllib.request
@@ -25,6 +26,7 @@ from facility.cluster.lab import LABEXTENSION_ENV
 from facility.config import CONFIG_ENV, FacilityConfig, VOConfig, load_config
 from facility.errors import UsageError
 from facility.hub.authenticator import VOAuthenticator
+from facility.hub.welcome import first_url
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 CULLER_SCOPES = ["list:users", "read:users:activity", "read:servers", "delete:servers"]
@@ -162,13 +164,54 @@ def _authenticator(c: Any, config: FacilityConfig, env: Any) -> None:
     auth.auth_refresh_age = max(1, min(60, hub.token_refresh_seconds // 4))
 
 
-def _user_server(section: Any, config: FacilityConfig) -> None:
-    """What every user server gets, whichever spawner starts it."""
+# A terminal of a user's server runs a login shell (jupyter_server_terminals adds -l when the
+# server has no terminal of its own), whose profile may set PATH anew (Debian's /etc/profile
+# does): the server's PATH, which holds the `facility` command, goes back in front once the
+# profile has run, and an interactive shell (reading ~/.bashrc) follows.
+TERMINAL_COMMAND = [
+    "/bin/sh", "-c",
+    'FACILITY_SERVER_PATH="$PATH" exec "${SHELL:-/bin/sh}" -l -c '
+    '\'PATH="$FACILITY_SERVER_PATH:$PATH"; unset FACILITY_SERVER_PATH; exec "${SHELL:-/bin/sh}" -i\'']
+# the facility's extensions of every user server: token renewal, JupyterLab's defaults and the
+# Dask sidebar's view of the user's clusters
+SERVER_EXTENSIONS = ("facility.hub.tokens", "facility.hub.lab")
+OUTPUT_ENV = "FACILITY_OUTPUT_DIR"
+
+
+def _user_server(section: Any, own: Any, config: FacilityConfig, home: Any) -> None:
+    """What every user server gets, whichever spawner starts it: ``section`` is the spawner's
+    configuration, ``own`` the facility spawner class's, ``home`` the server's home (a path, or
+    a callable of the spawner)."""
+    hub = config.hub
     section.default_url = "/lab"
-    _extend(section, "environment", {
+    own.first_url = first_url(hub.first_notebook)
+    environment: dict[str, Any] = {
         **LABEXTENSION_ENV, "FACILITY_GROUPS": groups_environment,
-        "FACILITY_TOKEN_POLL_SECONDS": str(config.hub.token_poll_seconds)})
-    _extend(section, "args", ["--ServerApp.jpserver_extensions", "facility.hub.tokens=True"])
+        "FACILITY_TOKEN_POLL_SECONDS": str(hub.token_poll_seconds)}
+    if hub.user_output_dir:
+        environment[OUTPUT_ENV] = _below(home, hub.user_output_dir)
+    _extend(section, "environment", environment)
+    _extend(section, "args", [
+        *(arg for name in SERVER_EXTENSIONS for arg in ("--ServerApp.jpserver_extensions", f"{name}=True")),
+        "--ServerApp.terminado_settings=" + json.dumps({"shell_command": TERMINAL_COMMAND})])
+
+
+def _below(home: Any, folder: str) -> Any:
+    """``home/folder``, for a home that is a path or a callable of the spawner."""
+    if callable(home):
+        return lambda spawner: f"{str(home(spawner)).rstrip('/')}/{folder}"
+    return f"{str(home).rstrip('/')}/{folder}"
+
+
+def scripts_folder() -> Path:
+    """Where the running environment's commands are (``facility``, ``jupyterhub-singleuser``)."""
+    return Path(sys.executable).parent
+
+
+def _path_with(folder: Path, path: str) -> str:
+    """``PATH`` with ``folder`` first (once)."""
+    rest = [entry for entry in path.split(os.pathsep) if entry and entry != str(folder)]
+    return os.pathsep.join([str(folder), *rest])
 
 
 def _kube_spawner(c: Any, config: FacilityConfig) -> None:
@@ -178,10 +221,12 @@ def _kube_spawner(c: Any, config: FacilityConfig) -> None:
     # KubeSpawner, with the server's credentials in a Secret (c.KubeSpawner settings apply)
     c.JupyterHub.spawner_class = "facility.hub.kube.FacilityKubeSpawner"
     spawner = c.KubeSpawner
-    # FACILITY_CONFIG of user servers is the chart's: the ConfigMap mounted in their namespace
-    _user_server(spawner, config)
-    _extend(spawner, "environment", {
-        "BEARER_TOKEN_FILE": f"{config.hub.server_home.rstrip('/')}/{TOKEN_FILE}"})
+    # FACILITY_CONFIG of user servers is the chart's: the ConfigMap mounted in their namespace;
+    # the image puts the facility's commands on PATH
+    home = config.hub.server_home.rstrip("/")
+    _user_server(spawner, c.FacilityKubeSpawner, config, home)
+    _extend(spawner, "environment", {"BEARER_TOKEN_FILE": f"{home}/{TOKEN_FILE}"})
+    _starter_notebooks_from_the_image(spawner, config)
     # the label the chart's NetworkPolicies and the cluster manifests select a user's pods by
     _extend(spawner, "extra_labels", {USER_LABEL: "{username}"})
     spawner.profile_list = lambda s: kubespawner_profiles(config.hub, user_groups(s))
@@ -195,6 +240,16 @@ def _kube_spawner(c: Any, config: FacilityConfig) -> None:
             "FACILITY_CLUSTER__KUBERNETES__NAMESPACE": lambda s: s.namespace})
     else:
         spawner.namespace = config.cluster.kubernetes.namespace
+
+
+def _starter_notebooks_from_the_image(spawner: Any, config: FacilityConfig) -> None:
+    """``hub.notebooks_dir`` on Kubernetes is a folder of the user image: a new server copies
+    its notebooks into the home (the user's own copies are kept) as the pod starts."""
+    folder = config.hub.notebooks_dir
+    if folder is None:
+        return
+    copy = f"cp -n {shlex.quote(str(folder))}/*.ipynb \"$HOME\"/ 2>/dev/null; true"
+    _extend(spawner, "lifecycle_hooks", {"postStart": {"exec": {"command": ["sh", "-c", copy]}}})
 
 
 def _user_objects_from_the_chart(c: Any, objects_file: Path) -> None:
@@ -238,14 +293,17 @@ def _local_spawner(c: Any, config: FacilityConfig, config_file: Path | None) -> 
 
     c.JupyterHub.spawner_class = FacilityLocalSpawner
     spawner = c.FacilityLocalSpawner
-    _user_server(spawner, config)
+    _user_server(spawner, spawner, config, lambda s: s.home_dir)
+    # the facility's commands (`facility`, in the environment running the hub) come first on
+    # the server's PATH, and so in its kernels and terminals
     _extend(spawner, "environment", {
-        CONFIG_ENV: str(config_file or os.environ.get(CONFIG_ENV, ""))})
+        CONFIG_ENV: str(config_file or os.environ.get(CONFIG_ENV, "")),
+        "PATH": _path_with(scripts_folder(), os.environ.get("PATH", os.defpath))})
     spawner.home_dir_template = str(config.state_path / "hub" / "users" / "{username}")
     spawner.facility_config_file = str(config_file or "")
     if config.hub.notebooks_dir is not None:
         spawner.notebooks_dir = str(config.path(config.hub.notebooks_dir))
-    spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
+    spawner.cmd = [str(scripts_folder() / "jupyterhub-singleuser")]
     _extend(spawner, "environment", {
         "BEARER_TOKEN_FILE": lambda s: str(Path(s.home_dir) / TOKEN_FILE)})
     if os.geteuid() == 0:  # the embedded facility runs every server as the account running it

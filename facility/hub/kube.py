@@ -37,6 +37,8 @@ from kubespawner import KubeSpawner
 from kubespawner.objects import make_owner_reference
 from traitlets import List, Unicode
 
+from facility.hub.welcome import FirstStart
+
 HTTP_CONFLICT = 409
 # the user the chart renders a user's objects for, in user-objects.yaml
 PLACEHOLDER = "__USERNAME__"
@@ -55,9 +57,10 @@ def namespace_labels(text: str) -> dict[str, str]:
     return dict(namespace["metadata"]["labels"])
 
 
-class FacilityKubeSpawner(KubeSpawner):
+class FacilityKubeSpawner(FirstStart, KubeSpawner):
     """KubeSpawner whose server credentials reach the pod through a Secret, and that makes a
-    user's objects before their first server."""
+    user's objects before their first server, which opens the quick-start notebook
+    (:mod:`facility.hub.welcome`)."""
 
     credential_variables = List(
         Unicode(), default_value=["JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN", "FACILITY_ACCESS_TOKEN"],
@@ -77,7 +80,9 @@ class FacilityKubeSpawner(KubeSpawner):
         # the user's objects come first: KubeSpawner makes the home volume claim, then the pod,
         # in the namespace (and with the account) they provide
         await _make_user_objects(self)
-        return await super()._start()
+        started = await super()._start()
+        self.started()
+        return started
 
     async def get_pod_manifest(self) -> Any:
         pod = await super().get_pod_manifest()

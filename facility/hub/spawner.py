@@ -3,7 +3,8 @@
 The form offers the profiles the user's VO groups open; the choice is checked again on start
 (a form can be forged), and a GPU profile is refused with a clear message on a machine without
 a GPU. The server gets the facility's environment: the user's groups (cluster limits), the
-configuration, and the JupyterLab Dask sidebar pointed at facility clusters.
+configuration, the facility's commands on PATH, and the JupyterLab Dask sidebar pointed at
+facility clusters.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from traitlets import Unicode, default
 from facility.cluster.local import local_gpus
 from facility.config import FacilityConfig, load_config
 from facility.hub.profiles import profile_named, visible_profiles
+from facility.hub.welcome import FirstStart
 
 
 def user_groups(spawner: Any) -> set[str]:
@@ -57,8 +59,9 @@ async def apply_profile(spawner: Any, user_options: dict[str, Any]) -> None:
     spawner.environment["FACILITY_PROFILE"] = profile.slug
 
 
-class FacilityLocalSpawner(SimpleLocalProcessSpawner):
-    """SimpleLocalProcessSpawner with the facility's profiles and environment."""
+class FacilityLocalSpawner(FirstStart, SimpleLocalProcessSpawner):
+    """SimpleLocalProcessSpawner with the facility's profiles and environment; a user's first
+    server opens the quick-start notebook (:mod:`facility.hub.welcome`)."""
 
     facility_config_file = Unicode("", config=True, help="the facility configuration file")
     notebooks_dir = Unicode("", config=True, help="notebooks a user finds in a new directory")
@@ -80,7 +83,9 @@ class FacilityLocalSpawner(SimpleLocalProcessSpawner):
 
     async def start(self) -> Any:
         await asyncio.to_thread(self._copy_notebooks)
-        return await super().start()
+        started = await super().start()
+        self.started()
+        return started
 
     def _copy_notebooks(self) -> None:
         """Starter notebooks into the user's directory; the user's own copies are kept."""

@@ -1,0 +1,103 @@
+"""JupyterLab in a real browser, as a new user finds it: the first server opens the quick-start
+notebook (no Launcher, no "Jupyter news" question), a terminal opened from the Launcher runs the
+`facility` command, and what a run writes is in the home, where the file browser shows it.
+
+Headless Debian chromium driven by Playwright, through the embedded facility's real hub. The
+user is bob, whose server no other browser test starts: his first login is this module's.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from playwright.sync_api import Browser, Page
+
+from facility.config import FacilityConfig
+from tests.browser import login, start_server
+
+pytestmark = pytest.mark.integration
+
+USER, PASSWORD = "bob", "bob-dev"
+NEWS_QUESTION = "Would you like to get notified about official Jupyter news?"
+
+# Reads what a terminal of the server shows: terminado sends a new client the terminal's
+# history, so a second connection sees what the terminal on the page shows.
+READ_TERMINALS = """
+async ([base, pattern, seconds]) => {
+  const deadline = Date.now() + seconds * 1000;
+  let seen = "";
+  while (Date.now() < deadline) {
+    const terminals = await (await fetch(base + "api/terminals")).json();
+    for (const {name} of terminals) {
+      seen = await new Promise((resolve) => {
+        const socket = new WebSocket(base.replace(/^http/, "ws") + "terminals/websocket/" + name);
+        let text = "";
+        socket.onmessage = (event) => {
+          const [kind, data] = JSON.parse(event.data);
+          if (kind === "stdout") { text += data; }
+        };
+        setTimeout(() => { socket.close(); resolve(text); }, 1000);
+      });
+      if (new RegExp(pattern).test(seen)) { return seen; }
+    }
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+  return seen;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(hub: str, browser: Browser) -> Page:
+    """Bob signed in, his first server started."""
+    page = login(browser, hub, USER, PASSWORD)
+    start_server(page, "cpu-small")
+    page.wait_for_url(f"**/user/{USER}/lab**", timeout=180_000)
+    return page
+
+
+def terminal_shows(page: Page, hub: str, pattern: str, seconds: float = 60) -> str:
+    seen = page.evaluate(READ_TERMINALS, [f"{hub}/user/{USER}/", pattern, seconds])
+    assert re.search(pattern, seen), f"no {pattern!r} in the terminal:\n{seen[-3000:]}"
+    return str(seen)
+
+
+def test_the_first_server_opens_the_quickstart_notebook_and_asks_no_news(
+        lab: Page, hub: str) -> None:
+    assert lab.url.endswith(f"/user/{USER}/lab/tree/quickstart.ipynb"), lab.url
+    lab.wait_for_selector(".jp-Notebook")
+    lab.locator(".jp-StatusBar-TextItem", has_text="Idle").first.wait_for()
+    current = lab.locator(".lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current")
+    assert "quickstart.ipynb" in current.inner_text()
+    assert lab.locator(".jp-Launcher").count() == 0
+    settings = lab.request.get(
+        f"{hub}/user/{USER}/lab/api/settings/@jupyterlab/apputils-extension:notification").json()
+    assert settings["schema"]["properties"]["fetchNews"]["default"] == "false"
+    lab.wait_for_timeout(3000)  # the question comes, if at all, once JupyterLab has restored
+    assert lab.get_by_text(NEWS_QUESTION).count() == 0
+
+
+def test_a_terminal_from_the_launcher_runs_the_facility_command_and_a_run_lands_at_home(
+        lab: Page, hub: str, facility_config: FacilityConfig) -> None:
+    lab.click("div.lm-MenuBar-itemLabel:text-is('File')")
+    lab.locator("li[data-command='launcher:create']").click()
+    lab.locator(".jp-LauncherCard", has_text="Terminal").first.click()
+    lab.wait_for_selector(".jp-Terminal .xterm")
+    terminal_shows(lab, hub, r"[$#] $")  # the shell's prompt
+    lab.locator(".jp-Terminal .xterm").last.click()
+    lab.keyboard.type("facility --version; echo version-exit=$?\n")
+    shown = terminal_shows(lab, hub, r"version-exit=\d")
+    assert re.search(r"facility \d+\.\d+", shown), shown[-2000:]
+    assert "version-exit=0" in shown, shown[-2000:]
+
+    lab.keyboard.type("facility run dimuon -d DY --name from-the-terminal; echo run-exit=$?\n")
+    shown = terminal_shows(lab, hub, r"run-exit=\d", seconds=400)
+    assert "run-exit=0" in shown, shown[-3000:]
+    home = facility_config.state_path / "hub" / "users" / USER
+    folder = home / "facility-output" / "from-the-terminal"
+    assert (folder / "COMPLETE").is_file()
+    assert (folder / "histograms.root").is_file()
+
+    lab.goto(f"{hub}/user/{USER}/lab/tree/facility-output")
+    lab.wait_for_selector(".jp-DirListing-item:has-text('from-the-terminal')")
