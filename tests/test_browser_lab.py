@@ -1,6 +1,7 @@
 """JupyterLab in a real browser, as a new user finds it: the first server opens the quick-start
 notebook (no Launcher, no "Jupyter news" question), a terminal opened from the Launcher runs the
-`facility` command, and what a run writes is in the home, where the file browser shows it.
+`facility` command, and what a job submitted there writes is in the home, where the file
+browser shows it.
 
 Headless Debian chromium driven by Playwright, through the embedded facility's real hub. The
 user is bob, whose server no other browser test starts: his first login is this module's.
@@ -28,7 +29,9 @@ async ([base, pattern, seconds]) => {
   const deadline = Date.now() + seconds * 1000;
   let seen = "";
   while (Date.now() < deadline) {
-    const terminals = await (await fetch(base + "api/terminals")).json();
+    const xsrf = (document.cookie.match(/(?:^|; )_xsrf=([^;]*)/) || [])[1] || "";
+    const terminals = await (await fetch(base + "api/terminals",
+                                         {headers: {"X-XSRFToken": decodeURIComponent(xsrf)}})).json();
     for (const {name} of terminals) {
       seen = await new Promise((resolve) => {
         const socket = new WebSocket(base.replace(/^http/, "ws") + "terminals/websocket/" + name);
@@ -78,7 +81,7 @@ def test_the_first_server_opens_the_quickstart_notebook_and_asks_no_news(
     assert lab.get_by_text(NEWS_QUESTION).count() == 0
 
 
-def test_a_terminal_from_the_launcher_runs_the_facility_command_and_a_run_lands_at_home(
+def test_a_terminal_from_the_launcher_runs_the_facility_command_and_a_job_lands_at_home(
         lab: Page, hub: str, facility_config: FacilityConfig) -> None:
     lab.click("div.lm-MenuBar-itemLabel:text-is('File')")
     lab.locator("li[data-command='launcher:create']").click()
@@ -91,13 +94,19 @@ def test_a_terminal_from_the_launcher_runs_the_facility_command_and_a_run_lands_
     assert re.search(r"facility \d+\.\d+", shown), shown[-2000:]
     assert "version-exit=0" in shown, shown[-2000:]
 
-    lab.keyboard.type("facility run dimuon -d DY --name from-the-terminal; echo run-exit=$?\n")
-    shown = terminal_shows(lab, hub, r"run-exit=\d", seconds=400)
-    assert "run-exit=0" in shown, shown[-3000:]
+    # a batch job submitted from the terminal: its outputs are in the home, its user's only
+    lab.keyboard.type("echo 'from facility.batch import output_folder; (output_folder() / "
+                      "\"hello.txt\").write_text(\"hi\")' > hello.py\n")
+    lab.keyboard.type("facility submit hello.py --workers 0 --wait; echo submit-exit=$?\n")
+    shown = terminal_shows(lab, hub, r"submit-exit=\d", seconds=300)
+    assert "submit-exit=0" in shown, shown[-3000:]
+    found = re.search(r"job (\d+) \(hello\.py\)", shown)
+    assert found, shown[-3000:]
     home = facility_config.state_path / "hub" / "users" / USER
-    folder = home / "facility-output" / "from-the-terminal"
-    assert (folder / "COMPLETE").is_file()
-    assert (folder / "histograms.root").is_file()
+    folder = home / "facility-output" / USER / "jobs" / found.group(1)
+    assert (folder / "hello.txt").read_text() == "hi"
+    assert (folder.stat().st_mode & 0o777, (folder / "hello.txt").stat().st_mode & 0o777) == \
+        (0o700, 0o600)
 
-    lab.goto(f"{hub}/user/{USER}/lab/tree/facility-output")
-    lab.wait_for_selector(".jp-DirListing-item:has-text('from-the-terminal')")
+    lab.goto(f"{hub}/user/{USER}/lab/tree/facility-output/{USER}/jobs")
+    lab.wait_for_selector(f".jp-DirListing-item:has-text('{found.group(1)}')")
