@@ -10,7 +10,9 @@ user is bob, whose server no other browser test starts: his first login is this 
 from __future__ import annotations
 
 import re
+from typing import Any
 
+import nbformat
 import pytest
 from playwright.sync_api import Browser, Page
 
@@ -110,3 +112,53 @@ def test_a_terminal_from_the_launcher_runs_the_facility_command_and_a_job_lands_
 
     lab.goto(f"{hub}/user/{USER}/lab/tree/facility-output/{USER}/jobs")
     lab.wait_for_selector(f".jp-DirListing-item:has-text('{found.group(1)}')")
+
+
+def _cell(lab: Page, index: int) -> Any:
+    return lab.locator(".jp-Notebook .jp-Cell").nth(index)
+
+
+def _run_cell(lab: Page, index: int) -> None:
+    """Select a cell (command mode) and run it, as Shift+Enter does."""
+    _cell(lab, index).locator(".jp-InputPrompt").click()
+    lab.keyboard.press("Shift+Enter")
+
+
+def test_the_dask_sidebar_lists_the_notebooks_cluster_and_its_code_connects(
+        lab: Page, hub: str, facility_config: FacilityConfig) -> None:
+    home = facility_config.state_path / "hub" / "users" / USER
+    nbformat.write(nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('import facility\nmine = facility.connect("sidebar", workers=1)\n'
+                                  'print("connected", mine.cluster.name)'),
+        nbformat.v4.new_code_cell("client.submit(sum, [20, 22]).result()"),
+        nbformat.v4.new_code_cell(f"!facility clusters stop {USER}-sidebar"),
+    ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                "language": "python"}}), home / "sidebar.ipynb")
+    lab.goto(f"{hub}/user/{USER}/lab/tree/sidebar.ipynb?reset")  # only this notebook open
+    lab.wait_for_selector(".jp-Notebook")
+    lab.locator(".jp-StatusBar-TextItem", has_text="Idle").first.wait_for()
+    _run_cell(lab, 0)
+    lab.wait_for_selector(f".jp-OutputArea-output:has-text('connected {USER}-sidebar')",
+                          timeout=120_000)
+
+    lab.locator(".jp-SideBar .lm-TabBar-tab[data-id='dask-dashboard-launcher']").click()
+    card = lab.locator(".dask-ClusterListingItem",
+                       has=lab.locator(f".dask-ClusterListingItem-title:text-is('{USER}-sidebar')"))
+    card.wait_for(timeout=30_000)
+    assert f"facility://{USER}-sidebar" in card.inner_text()
+
+    _cell(lab, 1).locator(".jp-InputPrompt").click()
+    card.locator("button.dask-ClusterListingItem-code").click()  # a new cell above the active one
+    lab.wait_for_function(
+        "() => document.querySelectorAll('.jp-Notebook .jp-Cell')[1].innerText"
+        f".includes('Client(\"facility://{USER}-sidebar\")')")
+    _run_cell(lab, 1)
+    _run_cell(lab, 2)
+    answer = _cell(lab, 2).locator(".jp-OutputArea-output")
+    answer.wait_for(timeout=60_000)
+    assert answer.inner_text().strip() == "42"
+
+    _run_cell(lab, 3)
+    lab.wait_for_selector(f".jp-OutputArea-output:has-text('stopped: {USER}-sidebar')",
+                          timeout=60_000)
+    card.wait_for(state="detached", timeout=30_000)  # the sidebar let go of it
