@@ -313,6 +313,12 @@ class VOConfig(_Strict):
     authorize_url: str | None = Field(default=None, description="null: from the issuer's discovery")
     token_url: str | None = Field(default=None, description="null: from the issuer's discovery")
     userinfo_url: str | None = Field(default=None, description="null: from the issuer's discovery")
+    end_session_url: str | None = Field(
+        default=None,
+        description="the provider's end_session_endpoint, where the hub's logout ends the "
+                    "provider's session too; null: from the issuer's discovery when the hub reads "
+                    "it (set it beside explicit endpoints); a provider without one: logout ends "
+                    "the hub's session only")
     claims_from: Literal["id_token", "userinfo"] = Field(
         default="id_token",
         description="where the user's name and groups are read: the ID token, or the userinfo "
@@ -331,7 +337,8 @@ class ProfileConfig(_Strict):
 
     slug: str = Field(pattern=r"^[a-z0-9-]+$")
     display_name: str
-    description: str = ""
+    description: str = Field(default="", description="what the profile is for, shown under its "
+                                                     "name on the profile page")
     cpu: float = Field(default=2.0, gt=0)
     memory: str = Field(default="8GiB", pattern=MEMORY_PATTERN)
     gpus: int = Field(default=0, ge=0)
@@ -354,11 +361,17 @@ class DevUser(_Strict):
 def _default_profiles() -> list[ProfileConfig]:
     gpu_toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     return [
-        ProfileConfig(slug="cpu-small", display_name="CPU, small", description="2 cores, 8 GiB",
+        ProfileConfig(slug="cpu-small", display_name="CPU, small",
+                      description="For most analyses: notebooks, plots and a Dask cluster of "
+                                  "your own, whose workers do the heavy lifting.",
                       cpu=2, memory="8GiB", default=True),
-        ProfileConfig(slug="cpu-large", display_name="CPU, large", description="8 cores, 32 GiB",
+        ProfileConfig(slug="cpu-large", display_name="CPU, large",
+                      description="For work inside the notebook itself: large histograms or "
+                                  "arrays in memory, local fits, many files read at once.",
                       cpu=8, memory="32GiB"),
-        ProfileConfig(slug="gpu", display_name="GPU", description="4 cores, 32 GiB, 1 GPU", cpu=4,
+        ProfileConfig(slug="gpu", display_name="GPU",
+                      description="An NVIDIA GPU with CUDA libraries, for machine learning and "
+                                  "GPU-accelerated array code.", cpu=4,
                       memory="32GiB", gpus=1, groups=["cms/gpu"],
                       node_selector={"nvidia.com/gpu.present": "true"}, tolerations=[gpu_toleration]),
     ]
@@ -410,6 +423,10 @@ class HubConfig(_Strict):
     token_refresh_seconds: int = Field(default=300, ge=30,
                                        description="refresh the user's tokens this long before "
                                                    "they expire")
+    support_contact: str | None = Field(
+        default=None,
+        description="whom users refused by the hub ask for access: an e-mail address, a web "
+                    "address or words, shown on the refusal page; null: their VO's administrators")
 
     @field_validator("profiles", "dev_users")
     @classmethod

@@ -2,8 +2,12 @@
 
 * groups come from the configured claims (see :mod:`facility.hub.groups`), through the
   ``auth_state_groups_key`` hook, so JupyterHub manages them as user groups;
-* ``check_allowed`` refuses a user outside the allowed groups with a page naming the groups
-  that would let them in, instead of a bare 403;
+* ``check_allowed`` refuses a user outside the allowed groups with a page that says once which
+  groups would let them in and which they have, whom to ask (``support_contact``), and a
+  sign-out link;
+* logging out of the hub ends the session at the identity provider too (OpenID Connect
+  RP-initiated logout, :class:`VOLogoutHandler`): the next "Sign in" asks who signs in, so
+  another account can;
 * tokens are kept in the (encrypted) auth state with the time they expire
   (``build_auth_state_dict``), refreshed with the refresh token *before* they expire
   (``refresh_user``: the base class waits until a request fails), and handed to the user's server
@@ -13,23 +17,70 @@
 
 from __future__ import annotations
 
+import html
+import re
 import time
 from typing import Any
 
 from oauthenticator.generic import GenericOAuthenticator
+from oauthenticator.oauth2 import OAuthLogoutHandler
 from tornado import web
+from tornado.httputil import url_concat
 from traitlets import Integer, List, Unicode, default
 
 from facility.hub.groups import groups_from_claims
 
 
+class VOLogoutHandler(OAuthLogoutHandler):
+    """The hub's logout, then the provider's: the browser goes to the provider's end-session
+    endpoint with the user's ID token as ``id_token_hint``, and comes back to the hub's login."""
+
+    _id_token: str | None = None
+
+    async def handle_logout(self) -> None:
+        await super().handle_logout()
+        user = self.current_user  # still known here: it is forgotten before the page
+        if user is not None:
+            self._id_token = (await user.get_auth_state() or {}).get("id_token")
+
+    async def render_logout_page(self) -> None:
+        url = self.authenticator.provider_logout_url(self._id_token)
+        if url:
+            self.redirect(url)
+            return
+        await super().render_logout_page()
+
+
 class VOAuthenticator(GenericOAuthenticator):
     """GenericOAuthenticator for a VO: groups from WLCG, entitlement or plain group claims."""
+
+    logout_handler = VOLogoutHandler
 
     group_claims = List(Unicode(), config=True,
                         help="claims to read VO groups from, e.g. wlcg.groups, eduperson_entitlement")
     refresh_margin = Integer(300, config=True,
                              help="seconds before expiry at which an access token is renewed")
+    end_session_url = Unicode(
+        "", config=True,
+        help="the provider's end_session_endpoint; empty: logout ends the hub's session only")
+    post_logout_redirect_url = Unicode(
+        "", config=True, help="where the provider sends the browser after its logout (registered "
+                              "at the provider as a post_logout_redirect_uri)")
+    support_contact = Unicode(
+        "", config=True, help="whom refused users ask for access: an e-mail address, a web "
+                              "address or words; empty: their VO's administrators")
+
+    def provider_logout_url(self, id_token: str | None) -> str:
+        """The provider's logout address for a user with ``id_token`` ("" without an
+        end-session endpoint). Without a token (a refused user) the client id names the hub."""
+        if not self.end_session_url:
+            return ""
+        params = {"client_id": self.client_id}
+        if self.post_logout_redirect_url:
+            params["post_logout_redirect_uri"] = self.post_logout_redirect_url
+        if id_token:
+            params["id_token_hint"] = id_token
+        return str(url_concat(self.end_session_url, params))
 
     def build_auth_state_dict(self, token_info: dict, user_info: dict) -> dict:
         state = super().build_auth_state_dict(token_info, user_info)
@@ -77,11 +128,28 @@ class VOAuthenticator(GenericOAuthenticator):
         return (f"{username} may not use this facility: membership in one of the VO groups "
                 f"{need} is required; your identity provider reports the groups: {have}.")
 
+    def refusal_html(self, username: str, groups: set[str]) -> str:
+        """The refusal page's text: the reason, whom to ask, and a sign-out that also ends the
+        provider's session (so another account may sign in)."""
+        contact = _contact_html(self.support_contact) if self.support_contact \
+            else "your VO's administrators"
+        # relative: the page is the hub's oauth_callback, beside its logout
+        return (f'<span class="facility-refusal">{html.escape(self.refusal(username, groups))}'
+                f'</span><br><span class="facility-contact">To ask for access, contact '
+                f"{contact}.</span><br>"
+                f'<a class="facility-sign-out" href="logout">Sign out</a> to sign in with '
+                f"another account.")
+
     async def check_allowed(self, username: str, auth_model: dict | None) -> bool:
         if await super().check_allowed(username, auth_model):
             return True
         groups = set((auth_model or {}).get("groups") or [])
-        raise web.HTTPError(403, self.refusal(username, groups))
+        # a reason of its own: without one the hub's error page repeats the message as its title
+        refused = web.HTTPError(403, self.refusal(username, groups), reason="Access refused")
+        refused.jupyterhub_message = self.refusal(username, groups)  # type: ignore[attr-defined]
+        refused.jupyterhub_html_message = self.refusal_html(  # type: ignore[attr-defined]
+            username, groups)
+        raise refused
 
     async def pre_spawn_start(self, user: Any, spawner: Any) -> None:
         """The user's server starts with the access token (and its expiry) to read data as the user."""
@@ -92,3 +160,13 @@ class VOAuthenticator(GenericOAuthenticator):
         spawner.environment["FACILITY_ACCESS_TOKEN"] = token
         if auth_state.get("expires_at"):
             spawner.environment["FACILITY_ACCESS_TOKEN_EXPIRES"] = str(int(auth_state["expires_at"]))
+
+
+def _contact_html(contact: str) -> str:
+    """A contact as a link where it is an address (web or e-mail), else as words."""
+    text = html.escape(contact)
+    if re.match(r"^https?://", contact):
+        return f'<a class="facility-support" href="{text}">{text}</a>'
+    if re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", contact):
+        return f'<a class="facility-support" href="mailto:{text}">{text}</a>'
+    return f'<span class="facility-support">{text}</span>'

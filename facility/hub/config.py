@@ -62,16 +62,19 @@ def discover(issuer: str, timeout: float = 10.0) -> dict[str, Any]:
 
 
 def endpoints(vo: VOConfig, issuer: str) -> dict[str, str]:
-    """The provider's endpoints the hub calls (userinfo only when claims are read there)."""
+    """The provider's endpoints the hub calls (userinfo only when claims are read there), named
+    as the authenticator's settings; the end-session endpoint where it is known."""
     explicit = {"authorize_url": vo.authorize_url, "token_url": vo.token_url}
     keys = {"authorize_url": "authorization_endpoint", "token_url": "token_endpoint"}
     if vo.claims_from == "userinfo":
         explicit["userdata_url"] = vo.userinfo_url
         keys["userdata_url"] = "userinfo_endpoint"
-    if all(explicit.values()):
-        return {k: str(v) for k, v in explicit.items()}
-    found = discover(issuer)
-    return {k: explicit[k] or found[keys[k]] for k in keys}
+    found: dict[str, Any] = {} if all(explicit.values()) else discover(issuer)
+    chosen = {k: str(explicit[k] or found[keys[k]]) for k in keys}
+    end_session = vo.end_session_url or found.get("end_session_endpoint")
+    if end_session:
+        chosen["end_session_url"] = str(end_session)
+    return chosen
 
 
 def groups_environment(spawner: Any) -> str:
@@ -82,6 +85,12 @@ def public_url(config: FacilityConfig) -> str:
     """The address users open; the identity provider sends them back to it."""
     hub = config.hub
     return hub.public_url or f"http://{hub.host}:{hub.port}"
+
+
+def post_logout_url(config: FacilityConfig) -> str:
+    """Where the provider sends a user back after logout: registered at the provider as one of
+    the hub client's ``post_logout_redirect_uris``."""
+    return f"{public_url(config)}/hub/login"
 
 
 def _extend(section: Any, key: str, value: dict | list) -> None:
@@ -152,12 +161,18 @@ def _authenticator(c: Any, config: FacilityConfig, env: Any) -> None:
         raise HubConfigError(f"the OpenID client secret is not set: export {vo.client_secret_env}")
     auth.client_secret = secret
     auth.oauth_callback_url = f"{public_url(config)}/hub/oauth_callback"
+    # logout ends the provider's session too, then comes back to the hub's login page
+    auth.post_logout_redirect_url = post_logout_url(config)
+    auth.support_contact = hub.support_contact or ""
     auth.scope = list(vo.scopes)
     auth.username_claim = vo.username_claim
     auth.group_claims = list(vo.group_claims)
     auth.manage_groups = True
     auth.allowed_groups = set(vo.allowed_groups)
     auth.admin_groups = set(vo.admin_groups)
+    # tokens, the ID token among them (logout's id_token_hint), are kept encrypted: the hub
+    # refuses to start without a key (JUPYTERHUB_CRYPT_KEY here, CryptKeeper keys that the
+    # jupyterhub chart generates on Kubernetes)
     auth.enable_auth_state = True
     auth.refresh_pre_spawn = True
     auth.refresh_margin = hub.token_refresh_seconds

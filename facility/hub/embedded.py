@@ -20,7 +20,7 @@ from pathlib import Path
 from facility.config import FacilityConfig
 from facility.embedded.services import Service, port_open
 from facility.errors import InfrastructureError
-from facility.hub.config import issuer_url, public_url
+from facility.hub.config import issuer_url, post_logout_url, public_url
 
 PROVIDER_DIR = Path(__file__).parent / "provider"
 NODE_MODULES = PROVIDER_DIR / "node_modules"
@@ -96,6 +96,7 @@ def write_provider_settings(config: FacilityConfig) -> Path:
         "clients": [{
             "client_id": hub.vo.client_id, "client_secret": hub_secrets(config)["client_secret"],
             "redirect_uris": [f"{public_url(config)}/hub/oauth_callback"],
+            "post_logout_redirect_uris": [post_logout_url(config)],
             "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
             "token_endpoint_auth_method": "client_secret_basic",
         }, {

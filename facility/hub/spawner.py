@@ -1,62 +1,129 @@
 """User servers on one machine: one process per user, in the user's own directory.
 
-The form offers the profiles the user's VO groups open; the choice is checked again on start
-(a form can be forged), and a GPU profile is refused with a clear message on a machine without
-a GPU. The server gets the facility's environment: the user's groups (cluster limits), the
-configuration, the facility's commands on PATH, and the JupyterLab Dask sidebar pointed at
-facility clusters.
+The form offers the profiles the user's VO groups open, each with its description and
+resources; those this machine cannot serve (more cores, memory or GPUs than it has) are shown
+disabled with the reason. The choice is checked again before the server starts, by the same
+decision (:func:`facility.hub.profiles.unavailable_reason`), since a form can be forged. The
+server gets the facility's environment: the user's groups (cluster limits), the configuration,
+the facility's commands on PATH, and the JupyterLab Dask sidebar pointed at facility clusters.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import html
 import shutil
 from pathlib import Path
 from typing import Any
 
+import psutil
 from dask.utils import parse_bytes
 from jupyterhub.spawner import SimpleLocalProcessSpawner
 from tornado import web
 from traitlets import Unicode, default
 
 from facility.cluster.local import local_gpus
-from facility.config import FacilityConfig, load_config
-from facility.hub.profiles import profile_named, visible_profiles
+from facility.config import FacilityConfig, HubConfig, ProfileConfig, load_config
+from facility.hub.profiles import (
+    Machine,
+    profile_named,
+    resources,
+    unavailable_reason,
+    visible_profiles,
+)
 from facility.hub.welcome import FirstStart
+
+FORM_STYLE = """<style>
+.facility-profile{margin:.4em 0 .9em}
+.facility-profile-description{margin-left:1.6em}
+.facility-profile-unavailable{margin-left:1.6em;color:#8a4b00}
+.facility-profile-disabled label,.facility-profile-disabled .facility-profile-description{opacity:.6}
+</style>"""
 
 
 def user_groups(spawner: Any) -> set[str]:
     return {group.name for group in spawner.user.groups}
 
 
-def profile_form(config: FacilityConfig, groups: set[str]) -> str:
-    rows = []
-    for profile in visible_profiles(config.hub, groups):
-        checked = " checked" if profile.default else ""
-        rows.append(
-            f'<label class="facility-profile"><input type="radio" name="profile" '
-            f'value="{html.escape(profile.slug)}"{checked}> <strong>{html.escape(profile.display_name)}'
-            f"</strong> {html.escape(profile.description)}</label><br>")
-    return "\n".join(rows) or "<p>No environment is open to your VO groups.</p>"
+@functools.cache
+def this_machine() -> Machine:
+    """The cores, memory and GPUs of this machine, where the local spawner runs servers.
+
+    Blocking (it may run ``nvidia-smi``): call it off the event loop. Asked once per process:
+    the machine does not change under a running hub."""
+    return Machine(cpus=psutil.cpu_count() or 1, memory=psutil.virtual_memory().total,
+                   gpus=local_gpus())
+
+
+async def _config_and_machine(spawner: Any) -> tuple[FacilityConfig, Machine]:
+    """Both read off the event loop (a file, and the machine's devices)."""
+    config, machine = await asyncio.gather(asyncio.to_thread(spawner.facility_config),
+                                           asyncio.to_thread(this_machine))
+    return config, machine
+
+
+def profile_form(hub: HubConfig, groups: set[str], machine: Machine) -> str:
+    """The spawn form: the profiles open to ``groups``; those ``machine`` cannot serve are
+    disabled, with the reason."""
+    mine = visible_profiles(hub, groups)
+    if not mine:
+        return "<p>No environment is open to your VO groups.</p>"
+    chosen = profile_named(hub, groups, None, machine)
+    rows = [_profile_choice(p, unavailable_reason(p, machine), p is chosen) for p in mine]
+    return "\n".join([FORM_STYLE, *rows])
+
+
+def _profile_choice(profile: ProfileConfig, reason: str | None, chosen: bool) -> str:
+    slug = html.escape(profile.slug)
+    state = " disabled" if reason else (" checked" if chosen else "")
+    why = (f'<div class="facility-profile-unavailable" id="profile-{slug}-unavailable">'
+           f"{html.escape(reason)}</div>") if reason else ""
+    described = f' aria-describedby="profile-{slug}-unavailable"' if reason else ""
+    return (
+        f'<div class="facility-profile{" facility-profile-disabled" if reason else ""}">'
+        f'<label><input type="radio" name="profile" value="{slug}"{state}{described}> '
+        f"<strong>{html.escape(profile.display_name)}</strong> "
+        f'<span class="facility-profile-resources">({html.escape(resources(profile))})</span>'
+        f"</label>"
+        f'<div class="facility-profile-description">{html.escape(profile.description)}</div>'
+        f"{why}</div>")
+
+
+def refusal(status: int, message: str) -> web.HTTPError:
+    """An HTTP error whose message the hub's pages show as it is (a bare HTTPError shows as
+    "HTTP 400: error (...)")."""
+    error = web.HTTPError(status, "%s", message)
+    error.jupyterhub_message = message  # type: ignore[attr-defined]
+    return error
+
+
+async def chosen_profile(spawner: Any, user_options: dict[str, Any]) -> ProfileConfig:
+    """The profile a start asks for, or a refusal that says why it may not or cannot start."""
+    config, machine = await _config_and_machine(spawner)
+    try:
+        profile = profile_named(config.hub, user_groups(spawner), user_options.get("profile"),
+                                machine)
+    except (PermissionError, LookupError) as exc:
+        raise refusal(403, str(exc)) from None
+    reason = unavailable_reason(profile, machine)
+    if reason:
+        raise refusal(400, reason)
+    return profile
 
 
 async def apply_profile(spawner: Any, user_options: dict[str, Any]) -> None:
-    """JupyterHub's hook for the form's choice: check it, then shape the server by it."""
-    config = await asyncio.to_thread(spawner.facility_config)
-    try:
-        profile = profile_named(config.hub, user_groups(spawner), user_options.get("profile"))
-    except (PermissionError, LookupError) as exc:
-        raise web.HTTPError(403, str(exc)) from None
-    if profile.gpus:
-        have = await asyncio.to_thread(local_gpus)
-        if have < profile.gpus:
-            raise web.HTTPError(
-                400, f"The profile {profile.display_name!r} needs {profile.gpus} GPU(s); this "
-                     f"machine has {have}. Pick a CPU profile.")
+    """JupyterHub's hook for the start's choice (form or API): check it, then shape the server
+    by it."""
+    profile = await chosen_profile(spawner, user_options)
     spawner.mem_limit = parse_bytes(profile.memory)
     spawner.cpu_limit = profile.cpu
     spawner.environment["FACILITY_PROFILE"] = profile.slug
+
+
+async def profiles_form_of(spawner: Any) -> str:
+    config, machine = await _config_and_machine(spawner)
+    return profile_form(config.hub, user_groups(spawner), machine)
 
 
 class FacilityLocalSpawner(FirstStart, SimpleLocalProcessSpawner):
@@ -71,11 +138,18 @@ class FacilityLocalSpawner(FirstStart, SimpleLocalProcessSpawner):
 
     @default("options_form")
     def _profiles_form(self) -> Any:
-        return lambda spawner: profile_form(spawner.facility_config(), user_groups(spawner))
+        return profiles_form_of
 
     def options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, Any]:
         chosen = formdata.get("profile") or []
         return {"profile": chosen[0] if chosen else None}
+
+    async def run_options_from_form(self, form_data: dict[str, Any]) -> dict[str, Any]:
+        """A submitted form choosing a profile that may not or cannot start comes back as the
+        form, with the reason, before anything starts."""
+        options = dict(super().run_options_from_form(form_data))
+        await chosen_profile(self, options)
+        return options
 
     @default("apply_user_options")
     def _apply_profile_default(self) -> Any:

@@ -9,6 +9,10 @@
 // WLCG profile ("wlcg.ver", "aud", "scope": "storage.read:/"), which the data servers validate
 // with the provider's public keys. The facility's own client gets such tokens with the
 // client-credentials grant, for reads from a terminal without the hub.
+//
+// Logging out of the hub ends the session here too (RP-initiated logout: the hub sends the
+// browser to /session/end with id_token_hint and post_logout_redirect_uri): this provider asks
+// the user to confirm, then sends them back to the hub's login, where another account may sign in.
 
 import { generateKeyPairSync } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
@@ -57,6 +61,7 @@ const provider = new Provider(settings.issuer, {
   features: {
     devInteractions: { enabled: false },
     clientCredentials: { enabled: true },
+    rpInitiatedLogout: { enabled: true, logoutSource, postLogoutSuccessSource },
     resourceIndicators: {
       enabled: true,
       defaultResource: () => storage.audience,
@@ -92,16 +97,36 @@ provider.proxy = true;
 
 const escape = (text) => String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 
+function page(title, body) {
+  return `<!doctype html><html><head><meta charset="utf-8"><title>${escape(title)}</title>
+<style>body{font-family:sans-serif;max-width:26em;margin:4em auto}label{display:block;margin:.6em 0}
+input{width:100%;padding:.4em}button{margin:.3em .3em 0 0}.error{color:#a00}</style></head><body>
+${body}</body></html>`;
+}
+
 function loginPage(uid, clientId, message) {
   const error = message ? `<p class="error" role="alert">${escape(message)}</p>` : '';
-  return `<!doctype html><html><head><meta charset="utf-8"><title>VO sign-in</title>
-<style>body{font-family:sans-serif;max-width:26em;margin:4em auto}label{display:block;margin:.6em 0}
-input{width:100%;padding:.4em}.error{color:#a00}</style></head><body>
-<h1>Sign in to the VO</h1><p>${escape(clientId)} asks for your identity and VO groups.</p>${error}
+  return page('VO sign-in', `<h1>Sign in to the VO</h1><p>${escape(clientId)} asks for your identity and VO groups.</p>${error}
 <form method="post" action="/interaction/${escape(uid)}/login">
 <label>Username <input name="username" autocomplete="username" autofocus></label>
 <label>Password <input name="password" type="password" autocomplete="current-password"></label>
-<button type="submit">Sign in</button></form></body></html>`;
+<button type="submit">Sign in</button></form>`);
+}
+
+// The confirmation oidc-provider asks for before it ends a session; "logout=yes" ends the
+// whole session, the other button only this client's sign-in.
+async function logoutSource(ctx, form) {
+  const who = ctx.oidc.session.accountId;
+  ctx.body = page('VO sign-out', `<h1>Sign out of the VO</h1>
+<p>You are signed in to the VO as <strong>${escape(who)}</strong>. Signing out here too means the
+next sign-in asks who you are.</p>${form}
+<button type="submit" form="op.logoutForm" name="logout" value="yes" autofocus>Sign out of the VO</button>
+<button type="submit" form="op.logoutForm">Stay signed in to the VO</button>`);
+}
+
+// Shown only when a logout names no address to go back to.
+async function postLogoutSuccessSource(ctx) {
+  ctx.body = page('VO sign-out', '<h1>Signed out</h1><p>You are signed out of the VO.</p>');
 }
 
 async function formBody(req) {
