@@ -117,9 +117,9 @@ function loginPage(uid, clientId, message) {
 // whole session, the other button only this client's sign-in.
 async function logoutSource(ctx, form) {
   const who = ctx.oidc.session.accountId;
+  const signedIn = who ? `You are signed in to the VO as <strong>${escape(who)}</strong>. ` : '';
   ctx.body = page('VO sign-out', `<h1>Sign out of the VO</h1>
-<p>You are signed in to the VO as <strong>${escape(who)}</strong>. Signing out here too means the
-next sign-in asks who you are.</p>${form}
+<p>${signedIn}Signing out here too means the next sign-in asks who you are.</p>${form}
 <button type="submit" form="op.logoutForm" name="logout" value="yes" autofocus>Sign out of the VO</button>
 <button type="submit" form="op.logoutForm">Stay signed in to the VO</button>`);
 }
