@@ -36,16 +36,22 @@ def browser() -> Iterator[Browser]:
 
 
 def login(browser: Browser, hub: str, user: str, password: str) -> Page:
+    """A new browser context (no cookies) signed in as ``user``."""
     page = browser.new_context().new_page()
     page.set_default_timeout(60_000)
     page.goto(f"{hub}/hub/login")
+    sign_in(page, user, password)
+    return page
+
+
+def sign_in(page: Page, user: str, password: str) -> None:
+    """From the hub's login page through the provider's form, which must ask who signs in."""
     page.click("text=Sign in with")
     page.wait_for_selector("text=Sign in to the VO")
     page.fill("input[name=username]", user)
     page.fill("input[name=password]", password)
     page.click("button[type=submit]")
     page.wait_for_load_state()
-    return page
 
 
 def start_server(page: Page, profile: str) -> None:

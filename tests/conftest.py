@@ -17,6 +17,7 @@ from facility.config import FacilityConfig, load_config
 from facility.data.samples import generate_samples
 from facility.embedded import facility as embedded
 from facility.embedded.services import free_port
+from facility.hub.spawner import this_machine
 
 # the browser tests' fixtures (hub, browser), for every browser test module
 pytest_plugins = ("tests.browser",)
@@ -47,9 +48,14 @@ hub:
   access_token_seconds: 60        # short-lived tokens, renewed 50 s before they expire
   token_refresh_seconds: 50
   token_poll_seconds: 3
+  support_contact: facility-support@vo.invalid
   profiles:
-    - {{slug: cpu-small, display_name: "CPU, small", cpu: 1, memory: 2GiB, default: true}}
-    - {{slug: gpu, display_name: GPU, cpu: 1, memory: 2GiB, gpus: {local_gpus() + 1}, groups: [cms/gpu]}}
+    - {{slug: cpu-small, display_name: "CPU, small", description: "One core for notebooks.", cpu: 1,
+       memory: 2GiB, default: true}}
+    - {{slug: cpu-large, display_name: "CPU, large", description: "More cores than this machine has.",
+       cpu: {this_machine().cpus + 1}, memory: 2GiB}}
+    - {{slug: gpu, display_name: GPU, description: "More GPUs than this machine has.", cpu: 1,
+       memory: 2GiB, gpus: {local_gpus() + 1}, groups: [cms/gpu]}}
 samples:
   - {{name: DY, kind: drell_yan, files: 2, events_per_file: 20000, cluster_events: 1000, seed: 5}}
   - {{name: TT, kind: ttbar, files: 1, events_per_file: 10000, cluster_events: 1000, seed: 6}}
