@@ -150,6 +150,9 @@ def test_kubespawner_profiles_carry_gpu_limits_and_placement(config: FacilityCon
     for profile in profiles.values():
         assert set(profile["kubespawner_override"]) <= traits
     assert profiles["cpu-small"]["default"] is True
+    # the node pools decide what can run, not the hub's own machine: all are offered, described
+    assert [p["description"] for p in profiles.values()] == [
+        p.description for p in config.hub.profiles]
 
 
 def test_tokens_are_renewed_before_they_expire(explicit_endpoints: FacilityConfig,
