@@ -9,6 +9,9 @@ proxy and hub. No user server is started here.
 
 from __future__ import annotations
 
+from urllib.parse import parse_qs, urlsplit
+
+import jwt
 import pytest
 from playwright.sync_api import Browser, Page
 
@@ -39,6 +42,10 @@ def test_after_logout_another_account_signs_in(hub: str, browser: Browser) -> No
     assert signed_in_as(page) == "alice"
     page.click("#logout")
     assert "signed in to the VO as alice" in page.locator("body").inner_text()
+    asked = parse_qs(urlsplit(page.url).query)  # the provider's end-session request
+    hint = jwt.decode(asked["id_token_hint"][0], options={"verify_signature": False})
+    assert (hint["sub"], hint["aud"]) == ("alice", asked["client_id"][0])
+    assert asked["post_logout_redirect_uri"] == [f"{hub}/hub/login"]
     sign_out_at_the_provider(page)
     sign_in(page, "bob", "bob-dev")  # the provider asks who signs in, instead of alice again
     page.wait_for_url("**/hub/spawn**")
