@@ -340,6 +340,70 @@ def test_a_job_killed_behind_the_facilitys_back_is_reported_failed(
         handle.record.error)
 
 
+# a script that starts a daemon (a session of its own) writing into the job's folder, then
+# waits (or fails when told)
+WRITER = """
+import json, os, subprocess, sys, time
+out = os.environ["FACILITY_JOB_OUTPUT"]
+keeps_writing = ("import sys, time\\nwhile True:\\n"
+                 "    with open(sys.argv[1], 'a') as f: f.write('x')\\n    time.sleep(0.05)")
+daemon = subprocess.Popen([sys.executable, "-c", keeps_writing, os.path.join(out, "daemon.txt")],
+                          start_new_session=True)
+with open(os.path.join(out, "pids.json"), "w") as f:
+    json.dump([os.getpid(), daemon.pid], f)
+while not os.path.exists(os.path.join(out, "daemon.txt")):
+    time.sleep(0.05)
+if sys.argv[1] == "fail":  # once the test has found every process
+    while not os.path.exists(os.path.join(out, "fail-now")):
+        time.sleep(0.05)
+    sys.exit(3)
+while True:
+    time.sleep(0.1)
+"""
+
+
+def folder_contents(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("end", ["sigkill", "cancel", "fail"])
+def test_nothing_of_a_job_outlives_it(
+        facility_config: FacilityConfig, as_user: Callable[[str], None], tmp_path: Path,
+        end: str) -> None:
+    """Its daemon in a session of its own too, whether the job process is SIGKILLed, the job
+    is cancelled or its script fails: no process of the job is left, its folder stops changing."""
+    as_user(f"tree-{end}-user")
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    handle = facility.submit(script, args=["fail" if end == "fail" else "wait"], workers=0)
+    pids_file = handle.output_dir / "pids.json"
+    wait_until(lambda: (handle.output_dir / "daemon.txt").exists(), "the daemon wrote")
+    job_process = psutil.Process(handle.record.handle["pid"])
+    keeper = psutil.Process(handle.record.handle["keeper"])
+    processes = [job_process, keeper, *map(psutil.Process, json.loads(pids_file.read_text()))]
+    assert os.getsid(processes[-1].pid) != os.getsid(job_process.pid)  # it left the job's session
+    if end == "sigkill":
+        job_process.kill()
+    elif end == "cancel":
+        assert cli(facility_config, "jobs", "cancel", str(handle.id)) == 0
+    else:
+        (handle.output_dir / "fail-now").touch()
+    _gone, alive = psutil.wait_procs(processes, timeout=60)
+    assert alive == []
+    before = folder_contents(handle.output_dir)
+    time.sleep(0.5)  # ten times the daemon's pace
+    assert folder_contents(handle.output_dir) == before
+    record = ended(handle)
+    assert record.state == {"sigkill": "failed", "cancel": "cancelled", "fail": "failed"}[end]
+    log = handle.logs()
+    if end == "sigkill":
+        assert f"the job process (pid {job_process.pid}) was killed by SIGKILL; stopped what it " \
+               f"left running: pid" in log
+    if end == "fail":
+        assert record.error == "writer.py exited with code 3"
+        assert "stopped 1 process it left running" in log
+
+
 def test_users_see_and_cancel_only_their_own_jobs(
         facility_config: FacilityConfig, as_user: Callable[[str], None], marker_script: Path,
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -350,8 +414,9 @@ def test_users_see_and_cancel_only_their_own_jobs(
     assert jobs() == []
     with pytest.raises(JobAccessError, match=f"job {handle.id} is not a job of user 'other-user'"):
         job(handle.id)
-    assert cli(facility_config, "jobs", "cancel", str(handle.id)) == 2
-    assert f"job {handle.id} is not a job of user 'other-user'" in capsys.readouterr().err
+    for command in ("cancel", "logs", "status"):
+        assert cli(facility_config, "jobs", command, str(handle.id)) == 2, command
+        assert f"job {handle.id} is not a job of user 'other-user'" in capsys.readouterr().err
     assert cli(facility_config, "jobs", "logs", "999999") == 2
     assert "no job 999999" in capsys.readouterr().err
     as_user("owner-user")

@@ -24,9 +24,11 @@ from types import FrameType
 
 from facility.batch.base import JobRunner, runner_for
 from facility.batch.inputs import script_command
+from facility.batch.keeper import TAG_ENV, end_tagged
 from facility.batch.model import JOB_ID_ENV, JOB_OUTPUT_ENV, RECORD_FILE, Failure, Job, JobState
 from facility.cluster.connect import job_cluster_environment
 from facility.config import load_config
+from facility.text import plural
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -90,6 +92,18 @@ def execute(runner: JobRunner, job: Job) -> Outcome:
         return run_script(job, snapshot, cwd)
 
 
+def stop_leftovers(job: Job) -> None:
+    """What the job started and left running (a script's daemon, a kernel that did not stop)
+    ends before the outcome is recorded: nothing of an ended job writes into its folder."""
+    tag = os.environ.get(TAG_ENV)
+    if not tag:  # not started by a keeper (a pod): the pod ends with the job
+        return
+    left = end_tagged(tag)
+    if left:
+        print(f"job {job.id}: stopped {plural(len(left), 'process', 'processes')} it left running "
+              f"(pid {', '.join(map(str, left))})", flush=True)
+
+
 def record(runner: JobRunner, job: Job, outcome: Outcome) -> None:
     """The outcome into the store (unless the job was cancelled meanwhile) and ``job.json``."""
     error = outcome.failure.message if outcome.failure else None
@@ -128,6 +142,7 @@ def main(argv: list[str]) -> int:
                                                traceback=traceback.format_exc()))
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stop_leftovers(job)
         record(runner, job, outcome)
         runner.start_queued(job.user)
     return 0 if outcome.state == "succeeded" else 1

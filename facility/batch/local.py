@@ -4,16 +4,21 @@ A job process is started through a short-lived launcher, so it is nobody's child
 notebook kernel's, not the notebook server's. It runs in a session of its own with its input
 closed and its output in the job's log, so stopping the user's server (the spawner signals the
 server's process; the server shuts its kernels down) or the idle culler leaves it running. Its
-Dask cluster is a local cluster owned by the job process: it ends with the job, however the job
-ends.
+parent is the job's keeper (:mod:`facility.batch.keeper`): every process of the job carries the
+job's mark, and once the job process has ended, however it ended (a SIGKILL too), the keeper
+stops whatever still carries it. Its Dask cluster is a local cluster owned by the job process:
+it ends with the job, however the job ends.
 
 Cancelling stops the whole process tree (the job process, the notebook's kernel, which runs in
-a session of its own, the cluster's scheduler and workers) and removes the cluster's record.
+a session of its own, the cluster's scheduler and workers, anything the script started) and
+removes the cluster's record.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,22 +28,13 @@ from typing import Any
 import psutil
 
 from facility.batch.base import JobRunner
+from facility.batch.keeper import TAG_ENV, end_tagged, keeper_command
 from facility.batch.model import Job, JobError, JobState
 from facility.cluster.base import ClusterBackend, Owner
 from facility.embedded.services import live_process
 
 KILL_GRACE_SECONDS = 10.0
 LAUNCH_TIMEOUT_SECONDS = 60.0
-LAUNCHER = """
-import json, os, subprocess, sys
-import psutil
-argv, log, cwd = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
-os.umask(0o077)  # the log and whatever the job writes: its user's only
-with open(log, "ab") as out:
-    job = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                           cwd=cwd, start_new_session=True)
-print(json.dumps({"pid": job.pid, "create_time": psutil.Process(job.pid).create_time()}))
-"""
 
 
 def stop_tree(proc: psutil.Process, grace: float = KILL_GRACE_SECONDS) -> None:
@@ -71,8 +67,9 @@ class LocalRunner(JobRunner):
         job.output_dir.mkdir(parents=True, exist_ok=True)
         job.output_dir.chmod(0o700)
         argv = [sys.executable, "-m", "facility.batch.job", str(job.id)]
+        tag = f"{job.id}-{secrets.token_hex(8)}"
         launched = subprocess.run(
-            [sys.executable, "-c", LAUNCHER, json.dumps(argv), str(job.log_path), str(job.output_dir)],
+            [*keeper_command(), "launch", json.dumps(argv), str(job.log_path), str(job.output_dir), tag],
             env=environment, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_SECONDS,
             check=False)
         if launched.returncode != 0:
@@ -81,11 +78,17 @@ class LocalRunner(JobRunner):
 
     def own_handle(self) -> dict[str, Any]:
         me = psutil.Process()
-        return {"pid": me.pid, "create_time": me.create_time()}
+        found: dict[str, Any] = {"pid": me.pid, "create_time": me.create_time()}
+        if os.environ.get(TAG_ENV):
+            keeper = me.parent()
+            found.update(tag=os.environ[TAG_ENV], keeper=keeper.pid if keeper else None,
+                         keeper_create_time=keeper.create_time() if keeper else None)
+        return found
 
     def ended(self, job: Job) -> tuple[JobState, str | None] | None:
         if live_process(job.handle) is not None:
             return None
+        self._end_leftovers(job)  # its keeper should have; it may have been killed as well
         return ("failed", f"the job process (pid {job.handle.get('pid')}) ended without recording "
                           f"how: killed, out of memory, or the machine restarted; see {job.log_path}")
 
@@ -93,8 +96,21 @@ class LocalRunner(JobRunner):
         proc = live_process(job.handle)
         if proc is not None:
             stop_tree(proc)
+        self._end_leftovers(job)
         if job.request is not None:
             self.cluster_backend(job).stop()
+
+    @staticmethod
+    def _end_leftovers(job: Job) -> None:
+        """Whatever of the job still runs, and its keeper: once this returns, nothing of the
+        job writes into its folder."""
+        if job.handle.get("tag"):
+            end_tagged(str(job.handle["tag"]), grace=KILL_GRACE_SECONDS)
+        keeper = live_process({"pid": job.handle["keeper"],
+                               "create_time": job.handle["keeper_create_time"]}) \
+            if job.handle.get("keeper") else None
+        if keeper is not None:
+            psutil.wait_procs([keeper], timeout=KILL_GRACE_SECONDS)
 
     @contextmanager
     def cluster(self, job: Job) -> Iterator[ClusterBackend | None]:
