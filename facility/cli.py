@@ -21,6 +21,7 @@ from facility.errors import FacilityError, UsageError
 from facility.text import plural
 
 # piped output (`| cat`, a log file) is never wrapped: paths and URLs stay whole
+TABLE_COLUMNS = 100  # the widest a table is printed; what does not fit follows it
 console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
 err_console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
@@ -328,15 +329,26 @@ def cmd_clusters(args: argparse.Namespace) -> int:
         for cluster in chosen:
             console.print(f"{'stopped' if cluster.stop() else 'was not running'}: {cluster.name}")
         return 0
-    table = Table("cluster", "user", "state", "workers asked", "owner pid", "scheduler", "dashboard")
+    table = Table("cluster", "user", "state", "workers asked", "owner pid")
+    addresses = []
     for cluster in mine:
         info = cluster.running()
         table.add_row(cluster.name, cluster.identity.user, "running" if info else "stopped",
-                      cluster.request.describe(), str(info.owner_pid or "-") if info else "-",
-                      info.scheduler_address if info else "-",
-                      (info.dashboard_link() or "-") if info else "-")
-    Console(width=max(console.width, 160)).print(table)
+                      cluster.request.describe(), str(info.owner_pid or "-") if info else "-")
+        if info:
+            addresses.append(f"{cluster.name}: scheduler {info.scheduler_address}, dashboard "
+                             f"{info.dashboard_link() or '-'}")
+    print_table(table, addresses)
     return 0
+
+
+def print_table(table: Table, long_values: list[str]) -> None:
+    """A table within ``TABLE_COLUMNS``; the values too long for a cell (addresses, links,
+    reasons) follow it, each whole on a line of its own, so none is cut or split mid-name."""
+    width = min(console.width, TABLE_COLUMNS) if console.is_terminal else TABLE_COLUMNS
+    Console(width=width, highlight=False).print(table)
+    for line in long_values:
+        console.print(line, markup=False, soft_wrap=True)
 
 
 def _parameters(args: argparse.Namespace) -> dict[str, Any]:
@@ -404,13 +416,16 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     runner = runner_for(_config(args))
     if args.action == "list":
-        table = Table("job", "name", "state", "submitted", "ran", "cluster", "exit / reason")
+        table = Table("job", "name", "state", "submitted", "ran", "cluster", "exit")
+        reasons = []
         for job in runner.jobs():
             table.add_row(str(job.id), job.name, job.state,
                           time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.submitted)),
                           _duration(job), job.describe_request(),
-                          job.error or ("" if job.exit_code is None else str(job.exit_code)))
-        Console(width=max(console.width, 160)).print(table)
+                          "" if job.exit_code is None else str(job.exit_code))
+            if job.error:
+                reasons.append(f"job {job.id}: {job.error}")
+        print_table(table, reasons)
         return 0
     if args.job is None:
         raise UsageError(f"`facility jobs {args.action}` needs a job id; `facility jobs list` "
@@ -505,7 +520,8 @@ def _submit_parser(sub: Any) -> None:
 
     jobs = sub.add_parser("jobs", help="your batch jobs: list, status, logs, cancel, outputs")
     jobs.add_argument("action", nargs="?", default="list",
-                      choices=["list", "status", "logs", "cancel", "outputs"])
+                      choices=["list", "status", "logs", "cancel", "outputs"],
+                      help="list (the default), status, logs, cancel or outputs of a job")
     jobs.add_argument("job", nargs="?", type=int, help="job id")
     jobs.add_argument("-f", "--follow", action="store_true",
                       help="with logs: keep printing what the job writes until it ends")
@@ -528,6 +544,19 @@ EXAMPLES = """examples:
 """
 
 
+def _described(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Each command's own ``--help`` opens with what it does: its line in the list of commands
+    where it has no longer description."""
+    for action in command._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for listed in action._choices_actions:
+                sub = action.choices[listed.dest]
+                line = listed.help or ""
+                sub.description = sub.description or f"{line[:1].upper()}{line[1:]}."
+                _described(sub)
+    return command
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="facility", description=DESCRIPTION, epilog=EXAMPLES,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -548,7 +577,8 @@ def parser() -> argparse.ArgumentParser:
     run_p.add_argument("processor", nargs="?",
                        help="shipped name (dimuon, ttbar) or module:Class; optional with --resume")
     run_p.add_argument("--dataset", "-d", action="append", help="catalog dataset (repeatable)")
-    run_p.add_argument("--chunk-size", type=_positive_int, metavar="EVENTS")
+    run_p.add_argument("--chunk-size", type=_positive_int, metavar="EVENTS",
+                       help="events per chunk (default: the configured chunk size)")
     run_p.add_argument("--skip-bad-input", action="store_true",
                        help="finish without damaged or missing files and report them (never "
                             "skips for unreachable servers or errors in the processor)")
@@ -568,8 +598,8 @@ def parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     gen = data.add_parser("generate", help="write the configured samples and catalog them")
-    gen.add_argument("sample", nargs="*")
-    gen.add_argument("--force", action="store_true")
+    gen.add_argument("sample", nargs="*", help="samples to write (default: every configured one)")
+    gen.add_argument("--force", action="store_true", help="write them again if they exist")
     gen.set_defaults(func=cmd_data_generate)
     add = data.add_parser(
         "add", help="inspect your files on the cluster and add them as a dataset",
@@ -580,7 +610,8 @@ def parser() -> argparse.ArgumentParser:
         epilog="example: facility data add MyDY 'data/dy/*.root' --schema nanoaod "
                "--meta cross_section_pb=6077.2 --meta year=2018 --sum-genweight")
     add.add_argument("name", help="the dataset's name in the catalog")
-    add.add_argument("sources", nargs="+", metavar="SOURCE")
+    add.add_argument("sources", nargs="+", metavar="SOURCE",
+                     help="paths, globs, directories, or root://, https://, s3:// URLs")
     add.add_argument("--tree", help="tree or RNTuple name (default: the file's only one, or "
                                     "Events / CollectionTree)")
     add.add_argument("--schema", default="nanoaod",
@@ -596,24 +627,27 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--replace", action="store_true", help="replace a dataset of that name")
     add.set_defaults(func=cmd_data_add)
     check = data.add_parser("check", help="open every replica again: report missing or changed")
-    check.add_argument("name")
+    check.add_argument("name", help="the dataset to check")
     check.set_defaults(func=cmd_data_check)
     remove = data.add_parser("remove", help="drop a dataset from the catalog (files are kept)")
-    remove.add_argument("name")
+    remove.add_argument("name", help="the dataset to drop")
     remove.set_defaults(func=cmd_data_remove)
     data.add_parser("list", help="datasets in the catalog").set_defaults(func=cmd_data_list)
     show = data.add_parser("show", help="files and replicas of a dataset")
-    show.add_argument("name")
+    show.add_argument("name", help="the dataset to show")
     show.set_defaults(func=cmd_data_show)
 
     demo = sub.add_parser("demo", help="generate samples, start the facility, run dimuon")
-    demo.add_argument("--dataset", default="DYJetsToMuMu")
+    demo.add_argument("--dataset", default="DYJetsToMuMu",
+                      help="the sample to run over (default DYJetsToMuMu)")
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="facility vs plain coffea vs the raw read ceiling")
-    bench.add_argument("--events", type=int, default=2_000_000)
-    bench.add_argument("--files", type=int, default=4)
-    bench.add_argument("--workers", type=int, default=None)
+    bench.add_argument("--events", type=int, default=2_000_000,
+                       help="events of the benchmark sample (default 2,000,000)")
+    bench.add_argument("--files", type=int, default=4, help="files the sample is written in (default 4)")
+    bench.add_argument("--workers", type=int, default=None,
+                       help="Dask workers (default: the cluster's max_workers)")
     bench.add_argument("--repeat", type=int, default=3, help="rounds; the best of each is shown")
     bench.add_argument("--scale", type=int, nargs="*", metavar="N",
                        help="instead: seconds from connect() to N single-threaded workers "
@@ -651,13 +685,14 @@ def parser() -> argparse.ArgumentParser:
     chaos.set_defaults(func=cmd_chaos)
 
     clusters = sub.add_parser("clusters", help="your Dask clusters: list, or stop some")
-    clusters.add_argument("action", nargs="?", choices=["list", "stop"], default="list")
+    clusters.add_argument("action", nargs="?", choices=["list", "stop"], default="list",
+                          help="list (the default) or stop")
     clusters.add_argument("names", nargs="*", help="clusters to stop")
     clusters.add_argument("--all", action="store_true", help="stop all of them")
     clusters.add_argument("--all-users", action="store_true", help="every user's (operators)")
     clusters.set_defaults(func=cmd_clusters)
     _submit_parser(sub)
-    return top
+    return _described(top)
 
 
 def _positive_int(text: str) -> int:

@@ -404,6 +404,21 @@ def test_nothing_of_a_job_outlives_it(
         assert "stopped 1 process it left running" in log
 
 
+def test_the_job_list_fits_100_columns_and_prints_reasons_whole(
+        facility_config: FacilityConfig, as_user: Callable[[str], None], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    as_user("listing-user")
+    script = tmp_path / "a_script_with_a_rather_long_descriptive_name_for_the_2018_skim.py"
+    script.write_text("import sys\nsys.exit(4)\n")
+    failed = ended(facility.submit(script, workers=0))
+    capsys.readouterr()
+    assert cli(facility_config, "jobs", "list") == 0
+    listing = capsys.readouterr().out
+    reason = f"job {failed.id}: {script.name} exited with code 4"
+    assert reason in listing.splitlines()
+    assert max(len(line) for line in listing.splitlines() if line != reason) <= 100
+
+
 def test_users_see_and_cancel_only_their_own_jobs(
         facility_config: FacilityConfig, as_user: Callable[[str], None], marker_script: Path,
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -303,6 +303,10 @@ def test_clusters_command_lists_and_stops(facility_config: FacilityConfig,
     listing = capsys.readouterr().out
     assert name in listing
     assert "running" in listing
+    address = _handle(client).backend.running().scheduler_address
+    assert f"{name}: scheduler {address}, dashboard http" in listing  # whole, on a line of its own
+    table = [line for line in listing.splitlines() if not line.startswith(f"{name}: ")]
+    assert max(map(len, table)) <= 100
     assert main([*config_arg, "clusters", "stop", "nosuch"]) == 2
     assert "no cluster named nosuch" in capsys.readouterr().err
     assert main([*config_arg, "clusters", "stop", name]) == 0
