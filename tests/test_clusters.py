@@ -298,6 +298,12 @@ def test_clusters_command_lists_and_stops(facility_config: FacilityConfig,
     client = connect("listed", workers=1, config=facility_config)
     name = _handle(client).name
     client.close()
+    capsys.readouterr()
+    connect("listed", workers=2, wait=False, config=facility_config).close()  # as a setting asks
+    told = capsys.readouterr().err
+    assert f"facility: cluster {name!r} already runs with 1 worker of 1 thread" in told
+    assert f"this asks for 2 workers of 1 thread, 3.00 GiB. Stop it to start it anew " \
+           f"(`facility clusters stop {name}`)" in told
     config_arg = ["--config", str(facility_config.home / "facility.yaml")]
     assert main([*config_arg, "clusters"]) == 0
     listing = capsys.readouterr().out
