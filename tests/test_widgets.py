@@ -11,12 +11,14 @@ import io
 import re
 from collections.abc import Iterator
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
 import hist
 import pytest
 from distributed import Client
 
+import facility
 from facility.cluster.base import ClusterInfo
 from facility.cluster.connect import FacilityCluster, connect
 from facility.cluster.display import ClusterView, cluster_html, job_html, progress_html
@@ -253,11 +255,14 @@ def test_the_figures_give_the_rate_and_the_time_left() -> None:
 def test_job_wait_on_a_terminal_prints_each_state_once_and_each_log_line_once() -> None:
     stream = io.StringIO()
     watch = JobWatch(notebook=False, stream=stream)
-    watch.update("job 7 (zpeak): queued", "queued", "")
+    watch.update("job 7 (zpeak): queued", "queued", "(job 7 has written no log yet)\n")
     watch.update("job 7 (zpeak): running", "running", "reading\n")
     watch.update("job 7 (zpeak): running, 5.0 s", "running", "reading\nmerging\n")
+    watch.update("job 7 (zpeak): succeeded", "succeeded", "reading\nmerging\ndone\n")
     assert stream.getvalue().splitlines() == [
-        "job 7 (zpeak): queued", "job 7 (zpeak): running", "  | reading", "  | merging"]
+        "job 7 (zpeak): queued", "  | (job 7 has written no log yet)",
+        "job 7 (zpeak): running", "  | reading", "  | merging",
+        "job 7 (zpeak): succeeded", "  | done"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,3 +342,23 @@ def test_a_run_with_progress_not_on_a_tty_prints_one_final_line(
     [written] = capsys.readouterr().err.splitlines()
     assert re.fullmatch(r"\[#{20}\] (\d+)/\1 chunks · 40,000 events · [\d,]+ events/s · in .+",
                         written), written
+
+
+@pytest.mark.integration
+def test_job_wait_shows_the_jobs_states_and_its_log_as_it_runs(
+        facility_config: FacilityConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("FACILITY_CONFIG", str(facility_config.home / "facility.yaml"))
+    monkeypatch.setenv("JUPYTERHUB_USER", "widget-watcher")
+    script = tmp_path / "steps.py"
+    script.write_text("import time\nprint('step one', flush=True)\ntime.sleep(2)\n"
+                      "print('step two', flush=True)\n")
+    job = facility.submit(script, workers=0)
+    record = job.wait(timeout=180, poll=0.5)
+    assert record.state == "succeeded"
+    lines = capsys.readouterr().err.splitlines()
+    states = [text for text in lines if text.startswith(f"job {job.id} (steps.py): ")]
+    assert states[-1].startswith(f"job {job.id} (steps.py): succeeded")
+    assert any(": running" in text for text in states)
+    assert lines.count("  | step one") == lines.count("  | step two") == 1
+    assert lines.index("  | step one") < lines.index("  | step two")

@@ -24,13 +24,15 @@ import io
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from facility.cluster.display import job_html, progress_html
 from facility.errors import UsageError
-from facility.processing.engine import Progress
 
-ProgressOption = bool | str | Callable[[Progress], None] | None
+if TYPE_CHECKING:  # the engine brings coffea: ``job.wait()`` shows a job without it
+    from facility.processing.engine import Progress
+
+ProgressOption: TypeAlias = "bool | str | Callable[[Progress], None] | None"
 PLOT_SECONDS = 1.0  # the live plot is redrawn at most this often (drawing costs the client)
 BAR_WIDTH = 20
 LOG_LINES = 15
@@ -259,7 +261,7 @@ class JobWatch:
         self.notebook = in_notebook() if notebook is None else notebook
         self.screen = NotebookScreen() if self.notebook else None
         self.stream = stream or sys.stderr
-        self.printed = 0  # log lines printed on the terminal
+        self.printed: list[str] = []  # the log lines printed on the terminal
         self.state: str | None = None
 
     def update(self, headline: str, state: str, log: str) -> None:
@@ -271,11 +273,11 @@ class JobWatch:
         if state != self.state:
             self.stream.write(f"{headline}\n")
             self.state = state
-        if len(lines) < self.printed:  # a new log (the job started again)
-            self.printed = 0
-        for text in lines[self.printed:]:
+        if lines[:len(self.printed)] != self.printed:  # another log: the first, or a restart
+            self.printed = []
+        for text in lines[len(self.printed):]:
             self.stream.write(f"  | {text}\n")
-        self.printed = len(lines)
+        self.printed = lines
         self.stream.flush()
 
 
