@@ -362,3 +362,30 @@ def test_job_wait_shows_the_jobs_states_and_its_log_as_it_runs(
     assert any(": running" in text for text in states)
     assert lines.count("  | step one") == lines.count("  | step two") == 1
     assert lines.index("  | step one") < lines.index("  | step two")
+
+
+@pytest.mark.integration
+def test_the_quickstart_notebook_plots_the_mass_with_its_fit_and_labelled_axes(
+        facility_config: FacilityConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("FACILITY_CONFIG", str(facility_config.home / "facility.yaml"))
+    book = nbformat.read(Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb",
+                         as_version=4)
+    book.cells.append(nbformat.v4.new_code_cell(
+        "print('labels:', ax.get_xlabel(), '|', ax.get_ylabel())\n"
+        "print('lines:', [line.get_label() for line in ax.get_lines()])"))
+    NotebookClient(book, timeout=300, kernel_name="python3").execute()
+    texts = {index: "".join(o.get("text", "") for o in cell.outputs)
+             for index, cell in enumerate(book.cells) if cell.cell_type == "code"}
+    bundles = [o.get("data", {}) for cell in book.cells if cell.cell_type == "code"
+               for o in cell.outputs]
+    widget = next(b["text/html"] for b in bundles if "FacilityCluster" in b.get("text/html", ""))
+    assert any("/status" in (href or "") for href, _ in Page(widget).links)
+    progress = next(b for b in bundles if "facility-progress" in b.get("text/html", ""))
+    assert re.match(r"\[#{20}\] (\d+)/\1 chunks", progress["text/plain"])
+    assert any("image/png" in b for b in bundles)
+    probe = texts[len(book.cells) - 1]
+    assert "labels: dimuon mass [GeV] | events" in probe
+    assert re.search(r"'fit: peak \d+\.\d+ ± \d+\.\d+ GeV'", probe), probe
