@@ -158,23 +158,30 @@ def cmd_data_remove(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _progress_bar() -> Iterator[Callable[[Any], None]]:
-    """A progress bar that appears with the first result (a run that fails before any result
-    prints its error alone) and stays on screen once the run is over."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """A progress bar that appears with the first result and stays on screen once the run is
+    over; a run that fails before a chunk is done takes it away and prints its error alone.
+    The figures are those of every other progress display (:mod:`facility.processing.progress`)."""
+    from rich.progress import BarColumn, Progress, TextColumn
 
-    bar = Progress(TextColumn("chunks"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[events]:>12,} events  {task.fields[rate]:>10,.0f} ev/s"),
-                   TimeElapsedColumn(), console=console, transient=False)
-    task = bar.add_task("run", total=None, events=0, rate=0.0)
+    from facility.processing.progress import chunks, figures
+
+    bar = Progress(BarColumn(), TextColumn("{task.fields[chunks]} · {task.fields[figures]}"),
+                   console=console, transient=False)
+    task = bar.add_task("run", total=None, chunks="", figures="")
 
     def update(p: Any) -> None:
+        if p.chunks_total <= 0:
+            return  # nothing planned yet: no empty bar
+        bar.update(task, completed=p.chunks_done, total=p.chunks_total, chunks=chunks(p),
+                   figures=figures(p))
         if not bar.live.is_started:
             bar.start()
-        bar.update(task, completed=p.chunks_done, total=p.chunks_total, events=p.events,
-                   rate=p.events_per_second)
 
     try:
         yield update
+    except BaseException:
+        bar.live.transient = not bar.tasks[0].completed
+        raise
     finally:
         if bar.live.is_started:
             bar.stop()

@@ -435,6 +435,10 @@ class HubConfig(_Strict):
         return _only_unique([getattr(i, "slug", None) or i.username for i in items],
                             items)
 
+    def address(self) -> str:
+        """The address users open (``public_url``, else the embedded proxy's)."""
+        return self.public_url or f"http://{self.host}:{self.port}"
+
 
 class SampleConfig(_Strict):
     """A synthetic dataset that ``facility data generate`` writes."""

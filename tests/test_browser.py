@@ -42,7 +42,9 @@ def test_vo_member_runs_the_quickstart_notebook(hub: str, browser: Browser) -> N
     found = re.search(r"Z peak fitted at ([\d.]+) GeV", peak.inner_text())
     assert found
     assert abs(float(found.group(1)) - 91.19) < 1.0
-    link = page.wait_for_selector(".jp-OutputArea-output:has-text('dashboard:')", timeout=120_000)
+    # the printed line (case matters: the client widget above says "Dashboard:" too)
+    link = page.locator(".jp-OutputArea-output", has_text=re.compile(r"^dashboard: ")).first
+    link.wait_for(timeout=120_000)
     dashboard = link.inner_text().split("dashboard:", 1)[1].strip()
     assert dashboard.startswith("/user/alice/proxy/")
 

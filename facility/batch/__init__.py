@@ -58,14 +58,23 @@ class JobHandle:
         self.record = self.runner.status(self.id, Identity(self.record.user))
         return self.record
 
-    def wait(self, timeout: float | None = None, poll: float = 2.0) -> Job:
-        """Until the job has ended (or ``timeout`` seconds passed); returns its record."""
+    def wait(self, timeout: float | None = None, poll: float = 2.0,
+             progress: bool = True) -> Job:
+        """Until the job has ended (or ``timeout`` seconds passed); returns its record.
+        ``progress`` shows the job's state and the end of its log meanwhile (an updating
+        output in a notebook; on a terminal each new state and log line once)."""
+        from facility.processing.progress import JobWatch, job_headline
+
+        watch = JobWatch() if progress else None
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.refresh().state not in FINISHED:
-            if deadline is not None and time.monotonic() >= deadline:
-                break
+        while True:
+            job = self.refresh()
+            if watch is not None:
+                watch.update(job_headline(job.id, job.name, job.state, job.started),
+                             job.state, self.runner.logs(job))
+            if job.state in FINISHED or (deadline is not None and time.monotonic() >= deadline):
+                return job
             time.sleep(poll)
-        return self.record
 
     def logs(self) -> str:
         return self.runner.logs(self.refresh())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import urllib.parse
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from facility.config import FacilityConfig
 from facility.errors import InfrastructureError
 
 PROXY_PREFIX_ENV = "JUPYTERHUB_SERVICE_PREFIX"
+PUBLIC_URL_ENV = "JUPYTERHUB_PUBLIC_URL"  # set by the hub when it knows its public address
 
 
 def clusters_path(config: FacilityConfig) -> Path:
@@ -75,6 +77,17 @@ class ClusterInfo:
             target = str(self.dashboard_port) if local else f"{self.dashboard_host}:{self.dashboard_port}"
             return f"{prefix.rstrip('/')}/proxy/{target}/status"
         return f"http://{self.dashboard_host}:{self.dashboard_port}/status"
+
+    def dashboard_url(self, hub_url: str, environ: dict[str, str] | None = None) -> str | None:
+        """The dashboard link as an absolute address, to print on a terminal: behind the hub
+        the proxy path on the hub's public address (the hub's own ``JUPYTERHUB_PUBLIC_URL``
+        when it has one, else ``hub_url``); elsewhere the link is absolute already."""
+        env = os.environ if environ is None else environ
+        found = self.dashboard_link(environ)
+        if found is None or "://" in found:
+            return found
+        public = urllib.parse.urlsplit(env.get(PUBLIC_URL_ENV) or hub_url)
+        return urllib.parse.urlunsplit((public.scheme, public.netloc, found, "", ""))
 
 
 class ClusterBackend(ABC):

@@ -3,7 +3,10 @@
     client = facility.connect(max_workers=20)       # new cluster, adaptive 1..20 (within limits)
     client = facility.connect("zpeak", workers=4)   # a named cluster: attach, or create it
     client.cluster.explain()                        # why workers are missing
-    client.cluster.dashboard_link                   # right behind the hub and from a terminal
+    client                                          # in a notebook: the client and cluster
+                                                    # widget, its dashboard link clickable
+    client.cluster.dashboard_link                   # what a browser follows (behind the hub too)
+    print(client.cluster.dashboard_url)             # the same, absolute: for a terminal
     client.cluster.close()
 
 The backend comes from the configuration (local processes, or the dask-kubernetes operator).
@@ -28,6 +31,7 @@ from distributed.core import Status
 from distributed.security import Security
 
 from facility.cluster.base import ClusterBackend, ClusterError, ClusterInfo, Owner, backend_for
+from facility.cluster.display import ClusterView, cluster_html
 from facility.cluster.limits import Identity, WorkerRequest, granted_request
 from facility.cluster.versions import check_versions
 from facility.config import FacilityConfig, load_config
@@ -68,7 +72,13 @@ class FacilityCluster:
 
     @property
     def dashboard_link(self) -> str | None:
+        """What a browser follows: behind the hub, the notebook server's proxy path."""
         return self.info.dashboard_link()
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """The dashboard as an absolute address, to print or paste (a terminal, a log)."""
+        return self.info.dashboard_url(self.backend.config.hub.address())
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -104,9 +114,30 @@ class FacilityCluster:
             self.client.close()
         return self.backend.stop()
 
+    def _workers(self) -> dict[str, dict[str, Any]] | None:
+        """The scheduler's workers, or None when it cannot be asked (no client, stopped)."""
+        if self.client is None or self.client.status != "running":
+            return None
+        try:
+            return dict(self.client.scheduler_info(n_workers=-1)["workers"])
+        except (OSError, TimeoutError):
+            return None
+
+    def view(self) -> ClusterView:
+        """What the cluster's widget shows."""
+        return ClusterView(self.name, self.backend.backend_name, self.scheduler_address,
+                           self.dashboard_link, self.dashboard_url, self._workers(),
+                           self.backend.request.describe(), self.notes)
+
+    def _repr_html_(self) -> str:
+        """The cluster's widget in a notebook (distributed's Client widget embeds it)."""
+        return cluster_html(self.view())
+
     def __repr__(self) -> str:
-        return (f"<FacilityCluster {self.name!r} {self.backend.backend_name} "
-                f"{self.scheduler_address} dashboard={self.dashboard_link}>")
+        workers = self._workers()
+        size = "" if workers is None else f", {plural(len(workers), 'worker')}"
+        return (f"<FacilityCluster {self.name!r} {self.backend.backend_name}{size}, "
+                f"dashboard {self.dashboard_url or '-'}>")
 
 
 CLUSTER_NAME_LENGTH = 50  # "<name>-scheduler" must stay a DNS label (63 characters)

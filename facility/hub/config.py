@@ -83,8 +83,7 @@ def groups_environment(spawner: Any) -> str:
 
 def public_url(config: FacilityConfig) -> str:
     """The address users open; the identity provider sends them back to it."""
-    hub = config.hub
-    return hub.public_url or f"http://{hub.host}:{hub.port}"
+    return config.hub.address()
 
 
 def post_logout_url(config: FacilityConfig) -> str:

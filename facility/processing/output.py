@@ -104,7 +104,7 @@ def plot(result: Any, path: Path, summary: dict[str, Any]) -> bool:
             mplhep.histplot(single, ax=ax, label=dataset or key, histtype="step")
         fit = summary.get("analysis", {}).get("fit")
         if fit and key == summary.get("analysis", {}).get("histogram"):
-            _draw_fit(ax, fit)
+            draw_fit(ax, fit)
         ax.set_ylabel("Events")
         ax.legend(fontsize="small")
     mplhep.cms.label(ax=axes[0][0], data=False, text="Facility",
@@ -115,7 +115,9 @@ def plot(result: Any, path: Path, summary: dict[str, Any]) -> bool:
     return True
 
 
-def _draw_fit(ax: Any, fit: dict[str, Any]) -> None:
+def draw_fit(ax: Any, fit: dict[str, Any]) -> None:
+    """The fitted line shape over its window, labelled with the peak: the run's plot and the
+    quick-start notebook draw the same line from the summary's fit."""
     x = np.linspace(fit["low"], fit["high"], 400)
     ax.plot(x, line_shape(x, *fit["parameters"]), color="black", lw=1.5,
             label=f"fit: peak {fit['peak']:.3f} ± {fit['peak_error']:.3f} GeV")

@@ -32,7 +32,7 @@ from coffea.processor import ProcessorABC
 from distributed import Client
 
 from facility.cluster.base import backend_for
-from facility.cluster.connect import connect, job_cluster
+from facility.cluster.connect import FacilityCluster, connect, job_cluster
 from facility.config import FacilityConfig, load_config
 from facility.data.access import check_workers_token, renew_reader_token
 from facility.data.catalog import checked_schema_name, load_catalog
@@ -57,6 +57,7 @@ from facility.processing.plan import (
     file_tasks,
 )
 from facility.processing.processors import load_processor
+from facility.processing.progress import ProgressOption, live_progress
 from facility.processing.reader import processor_key
 from facility.processing.runfolder import RunFolder
 from facility.processing.schemas import processors_choice
@@ -83,8 +84,25 @@ def _as_processor(processor: ProcessorABC | str) -> ProcessorABC:
     return load_processor(processor) if isinstance(processor, str) else processor
 
 
+def connected_client() -> Client | None:
+    """The client that ``facility.connect()`` made current in this process, if it still runs:
+    a run without ``client=`` goes to the cluster the user connected to (and watches on its
+    dashboard), not to the facility's shared one."""
+    from distributed import default_client
+
+    try:
+        current = default_client()
+    except ValueError:
+        return None
+    if isinstance(current.cluster, FacilityCluster) and current.status == "running":
+        return current
+    return None
+
+
 def client_for(config: FacilityConfig, client: Client | None) -> tuple[Client, bool]:
-    """The given client, else the batch job's own cluster inside a job, else the facility's."""
+    """The given client, else the one ``facility.connect()`` made current, else the batch
+    job's own cluster inside a job, else the facility's."""
+    client = client or connected_client()
     if client is not None:
         return client, False
     if job_cluster() is not None:
@@ -218,7 +236,7 @@ def run(processor: ProcessorABC | str | None = None, dataset: str | list[str] | 
         config: FacilityConfig | None = None, client: Client | None = None,
         chunk_size: int | None = None, on_bad_input: Literal["fail", "skip"] | None = None,
         max_skipped_fraction: float | None = None, output: bool | Path | str = True,
-        progress: Callable[[Progress], None] | None = None, name: str | None = None,
+        progress: ProgressOption = None, name: str | None = None,
         resume: str | Path | None = None, schema: str | None = None) -> RunResult:
     """Run a coffea processor over one or more catalog datasets; returns merged results.
 
@@ -229,6 +247,11 @@ def run(processor: ProcessorABC | str | None = None, dataset: str | list[str] | 
     journal does not hold are processed, and the result is identical to an uninterrupted run.
     ``schema`` (``"physlite"``, ``"nanoaod"``...) reads every dataset with that event schema;
     else a processor's own ``schema`` attribute does, else each dataset's schema in the catalog.
+    ``progress=True`` shows a bar (chunks, events/s, time left) in a notebook or on a terminal;
+    ``progress="mass"`` also plots the histogram ``mass`` of the result merged so far; a
+    callable receives each :class:`Progress` instead (see :mod:`.progress`).
+    Without ``client``, the run goes to the cluster of the client ``facility.connect()`` made
+    current, the one whose widget and dashboard the notebook shows (see :func:`client_for`).
     """
     config = config or load_config()
     if resume is not None:
@@ -241,7 +264,8 @@ def run(processor: ProcessorABC | str | None = None, dataset: str | list[str] | 
         request = _new_request(config, processor, dataset,
                                _settings(config, chunk_size, on_bad_input, max_skipped_fraction),
                                output, name, schema)
-    return _execute(config, request, client, progress)
+    with live_progress(progress) as report:
+        return _execute(config, request, client, report)
 
 
 def _journal_for(request: Request) -> Journal | None:
