@@ -551,16 +551,63 @@ EXAMPLES = """examples:
 """
 
 
-def _described(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Each command's own ``--help`` opens with what it does: its line in the list of commands
-    where it has no longer description."""
+# what each command's own --help ends with: command lines to copy, each with what it does
+COMMAND_EXAMPLES: dict[str, list[tuple[str, str]]] = {
+    "up": [("facility up", "start the servers, the hub and the default cluster")],
+    "down": [("facility down", "stop everything `facility up` started")],
+    "status": [("facility status", "servers, hub, clusters and their addresses")],
+    "run": [("facility run dimuon -d DYJetsToMuMu", "the shipped dimuon analysis"),
+            ("facility run mymodule:MyProcessor -d MyDY --chunk-size 200000", "your own"),
+            ("facility run --resume dimuon-1", "finish an interrupted run")],
+    "data": [("facility data list", "the datasets in the catalog")],
+    "data generate": [("facility data generate", "write every configured sample")],
+    "data add": [("facility data add MyDY 'data/dy/*.root' --meta year=2018 --sum-genweight",
+                  "your files")],
+    "data check": [("facility data check DYJetsToMuMu", "open every replica again")],
+    "data remove": [("facility data remove MyDY", "drop it from the catalog")],
+    "data list": [("facility data list", "names, files, events, schema, regions")],
+    "data show": [("facility data show DYJetsToMuMu", "its files and replicas")],
+    "demo": [("facility demo", "samples, the facility, and dimuon over DYJetsToMuMu")],
+    "bench": [("facility bench", "events/s: read ceiling, hand-written, coffea, facility"),
+              ("facility bench --scale-sim --slots 500 2000", "the run engine at many slots")],
+    "chaos": [("facility chaos --runs 4 --faults worker,server", "kill parts, compare")],
+    "clusters": [("facility clusters", "your clusters"),
+                 ("facility clusters stop default", "stop one")],
+    "submit": [("facility submit zpeak_job.ipynb -p dataset DYJetsToMuMu --workers 4",
+                "a notebook with a parameter"),
+               ("facility submit skim.py --workers 2 -- --year 2018", "a script's arguments")],
+    "jobs": [("facility jobs", "your jobs"), ("facility jobs logs 12 --follow", "a job's log"),
+             ("facility jobs cancel 12", "stop a job")],
+}
+
+
+def _examples(command: str) -> str:
+    """Lines to paste into a shell as they are: what each does is a shell comment."""
+    return "examples:\n" + "\n".join(f"  {line}  # {what}" for line, what in
+                                      COMMAND_EXAMPLES[command])
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Prose wrapped to the terminal; examples kept line by line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _described(command: argparse.ArgumentParser, path: str = "") -> argparse.ArgumentParser:
+    """Each command's own ``--help`` opens with what it does (its line in the list of commands
+    where it has no longer description) and ends with examples."""
     for action in command._actions:
         if isinstance(action, argparse._SubParsersAction):
             for listed in action._choices_actions:
-                sub = action.choices[listed.dest]
+                sub, name = action.choices[listed.dest], f"{path} {listed.dest}".strip()
                 line = listed.help or ""
                 sub.description = sub.description or f"{line[:1].upper()}{line[1:]}."
-                _described(sub)
+                if name in COMMAND_EXAMPLES:
+                    sub.epilog, sub.formatter_class = _examples(name), HelpFormatter
+                _described(sub, name)
     return command
 
 
@@ -613,9 +660,7 @@ def parser() -> argparse.ArgumentParser:
         description="Add files (paths, globs, directories, or root://, https://, s3:// URLs) as "
                     "a dataset. Each file is opened on the cluster: its tree is found, its "
                     "entries counted, a few events built with the schema. A file that cannot "
-                    "be read or does not fit is refused, and nothing is written.",
-        epilog="example: facility data add MyDY 'data/dy/*.root' --schema nanoaod "
-               "--meta cross_section_pb=6077.2 --meta year=2018 --sum-genweight")
+                    "be read or does not fit is refused, and nothing is written.")
     add.add_argument("name", help="the dataset's name in the catalog")
     add.add_argument("sources", nargs="+", metavar="SOURCE",
                      help="paths, globs, directories, or root://, https://, s3:// URLs")

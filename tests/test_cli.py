@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from facility.cli import parser
+from facility.cli import parse, parser
 from facility.config import FacilityConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,3 +84,16 @@ def test_the_help_piped_lists_every_command_with_its_description() -> None:
         assert listed.help
         assert re.search(rf"^\s+{listed.dest}\s+{re.escape(listed.help.split()[0])}", done.stdout,
                          re.M), listed.dest
+
+
+def test_every_command_shows_examples_the_parser_takes() -> None:
+    for name, command in subcommands(parser()).items():
+        text = command.format_help()
+        assert "examples:" in text, name
+        lines = [line.split("  # ")[0].split() for line in text.split("examples:")[1].splitlines()
+                 if line.strip()]
+        assert lines, name
+        for argv in lines:
+            assert argv[:1 + name.count(" ") + 1] == ["facility", *name.split()], (name, argv)
+            assert parse([a.strip("'") for a in argv[1:]]).command == argv[1], argv
+            assert len("  " + " ".join(argv)) <= 100, argv
