@@ -50,13 +50,12 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from facility.embedded.facility import status
 
-    table = Table("service", "state", "pid", "ports", "log")
+    table = Table("service", "state", "pid", "ports")
     states = status(_config(args))
     for s in states:
         state = "healthy" if s.healthy else ("running, not ready" if s.running else "stopped")
-        table.add_row(s.name, state, str(s.pid or "-"), ",".join(map(str, s.ports)) or "-",
-                      str(s.log))
-    console.print(table)
+        table.add_row(s.name, state, str(s.pid or "-"), ",".join(map(str, s.ports)) or "-")
+    print_table(table, [f"{s.name} log: {s.log}" for s in states])
     return 0 if all(s.healthy for s in states) else 3
 
 
@@ -78,7 +77,7 @@ def cmd_data_list(args: argparse.Namespace) -> int:
         regions = sorted({r.region for f in ds.files for r in f.replicas})
         table.add_row(name, str(len(ds.files)), f"{ds.events:,}", ds.schema_name,
                       "data" if ds.metadata.is_data else "MC", ", ".join(regions))
-    console.print(table)
+    print_table(table, [])
     return 0
 
 
@@ -420,8 +419,13 @@ def _print_job(job: Any) -> None:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from facility.batch.base import runner_for
+    from facility.batch.model import JobAccessError
 
-    runner = runner_for(_config(args))
+    try:
+        runner = runner_for(_config(args))
+    except JobAccessError as exc:  # another account's store: the job asked for, named
+        raise JobAccessError(f"job {args.job}: {exc}" if args.job is not None else str(exc)) \
+            from None
     if args.action == "list":
         table = Table("job", "name", "state", "submitted", "ran", "cluster", "exit")
         reasons = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import re
 import signal
 import subprocess
@@ -427,14 +428,72 @@ def test_users_see_and_cancel_only_their_own_jobs(
     handle = facility.submit(marker_script, args=[str(marker)], workers=0)
     as_user("other-user")
     assert jobs() == []
-    with pytest.raises(JobAccessError, match=f"job {handle.id} is not a job of user 'other-user'"):
+    refusal = f"job {handle.id} belongs to user 'owner-user', not to 'other-user'"
+    with pytest.raises(JobAccessError, match=refusal):
         job(handle.id)
     for command in ("cancel", "logs", "status"):
         assert cli(facility_config, "jobs", command, str(handle.id)) == 2, command
-        assert f"job {handle.id} is not a job of user 'other-user'" in capsys.readouterr().err
+        assert refusal in capsys.readouterr().err
     assert cli(facility_config, "jobs", "logs", "999999") == 2
     assert "no job 999999" in capsys.readouterr().err
     as_user("owner-user")
+    assert handle.state == "running"
+    marker.touch()
+    assert ended(handle).state == "succeeded"
+
+
+def as_another_account(config: FacilityConfig, *argv: str) -> tuple[int, str]:
+    """``facility ...`` in a forked process that runs as another local account (the facility's
+    code is loaded already: that account may not read the project's files); its exit code and
+    what it wrote to stderr."""
+    import facility.cli
+
+    peer = _peer_user()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the forked account)
+        os.close(read)
+        try:
+            os.setgid(peer.pw_gid)
+            os.setuid(peer.pw_uid)
+            sys.stderr = os.fdopen(write, "w")
+            facility.cli._config = lambda _args: config  # type: ignore[assignment]
+            code = main(list(argv))
+            sys.stderr.flush()
+        finally:
+            os._exit(locals().get("code", 99))
+    os.close(write)
+    with os.fdopen(read) as err:
+        text = err.read()
+    return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), text
+
+
+def _peer_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(PEER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        PEER], check=True)
+        return pwd.getpwnam(PEER)
+
+
+PEER = "facility-batch-peer"
+
+
+def test_another_local_account_is_refused_a_users_job_clearly(
+        facility_config: FacilityConfig, as_user: Callable[[str], None],
+        marker_script: Path, tmp_path: Path) -> None:
+    as_user("private-user")
+    marker = tmp_path / "done"
+    handle = facility.submit(marker_script, args=[str(marker)], workers=0)
+    store = runner_for(facility_config).store.path
+    for action in ("status", "logs", "cancel"):
+        code, err = as_another_account(facility_config, "jobs", action, str(handle.id))
+        assert code == 2, err
+        assert f"job {handle.id}: the batch jobs in {store.parent} belong to local account " \
+               f"'{pwd.getpwuid(os.getuid()).pw_name}': account '{PEER}' may not see, cancel " \
+               "or read them" in err
+        assert "Traceback" not in err
     assert handle.state == "running"
     marker.touch()
     assert ended(handle).state == "succeeded"

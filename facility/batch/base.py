@@ -236,8 +236,8 @@ class JobRunner(ABC):
             raise JobAccessError(f"no job {job_id}; `facility jobs list` shows the jobs of user "
                                  f"{who.user!r}")
         if job.user != who.user:
-            raise JobAccessError(f"job {job_id} is not a job of user {who.user!r}: users see and "
-                                 "cancel only their own jobs")
+            raise JobAccessError(f"job {job_id} belongs to user {job.user!r}, not to {who.user!r}: "
+                                 "users see, cancel and read the logs of their own jobs only")
         return job
 
     def status(self, job_id: int, who: Identity | None = None) -> Job:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
 
-from facility.batch.model import ACTIVE, Job, JobState, job_from_row
+from facility.batch.model import ACTIVE, Job, JobAccessError, JobState, job_from_row
 from facility.cluster.limits import WorkerRequest
 from facility.config import FacilityConfig
 
@@ -57,14 +58,29 @@ class JobStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.parent.chmod(0o700)  # users' jobs, parameters and reasons: not for other accounts
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-        path.chmod(0o600)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.chmod(0o700)  # users' jobs, parameters and reasons: not for other accounts
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            path.chmod(0o600)
+        except PermissionError:
+            raise JobAccessError(self._not_ours()) from None
         with self._transaction() as db:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+
+    def _not_ours(self) -> str:
+        """Another local account's store: whose it is, rather than a permission traceback."""
+        for folder in (self.path.parent, *self.path.parent.parents):
+            try:
+                owner = pwd.getpwuid(folder.stat().st_uid).pw_name
+                break
+            except OSError:
+                continue
+        me = pwd.getpwuid(os.getuid()).pw_name
+        return (f"the batch jobs in {self.path.parent} belong to local account {owner!r}: account "
+                f"{me!r} may not see, cancel or read them")
 
     @classmethod
     def for_config(cls, config: FacilityConfig) -> JobStore:
