@@ -36,6 +36,7 @@ from facility.cluster.base import cluster_folder
 from facility.cluster.limits import WorkerRequest
 from facility.cluster.local import LocalBackend
 from facility.config import FacilityConfig
+from tests.test_clusters import PEER, peer_account
 from tests.test_kubernetes import NOTEBOOK_ENV, crd_schema, kubernetes_config, pod, validate_k8s
 
 pytestmark = pytest.mark.integration
@@ -448,7 +449,7 @@ def as_another_account(config: FacilityConfig, *argv: str) -> tuple[int, str]:
     what it wrote to stderr."""
     import facility.cli
 
-    peer = _peer_user()
+    peer = peer_account()
     read, write = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover (the forked account)
@@ -466,18 +467,6 @@ def as_another_account(config: FacilityConfig, *argv: str) -> tuple[int, str]:
     with os.fdopen(read) as err:
         text = err.read()
     return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), text
-
-
-def _peer_user() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(PEER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        PEER], check=True)
-        return pwd.getpwnam(PEER)
-
-
-PEER = "facility-batch-peer"
 
 
 def test_another_local_account_is_refused_a_users_job_clearly(

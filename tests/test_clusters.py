@@ -171,7 +171,8 @@ def test_cluster_dies_with_its_killed_owner(facility_config: FacilityConfig) -> 
     assert not (Path(report["folder"]) / "record.json").exists()
 
 
-def _peer_user() -> pwd.struct_passwd:
+def peer_account() -> pwd.struct_passwd:
+    """A second local account of the machine (made once), for what other accounts may not do."""
     try:
         return pwd.getpwnam(PEER)
     except KeyError:
@@ -210,7 +211,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 def test_another_users_process_is_refused(cluster: Client) -> None:
-    peer = _peer_user()
+    peer = peer_account()
     handle = _handle(cluster)
     host, port = handle.scheduler_address.removeprefix("tls://").rsplit(":", 1)
 
