@@ -298,7 +298,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return scale_command(_config(args), args.scale, console, as_json=args.json)
     from facility.processing.bench import bench_command
 
-    return bench_command(_config(args), args, console)
+    return bench_command(_config(args), args, console, err_console)
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:

@@ -241,11 +241,12 @@ def _file_dataset(config: FacilityConfig, source: Dataset) -> Dataset:
                    files=files)
 
 
-def bench_command(config: FacilityConfig, args: argparse.Namespace, console: Console) -> int:
+def bench_command(config: FacilityConfig, args: argparse.Namespace, console: Console,
+                  err_console: Console) -> int:
     """Set up, measure with everything but the result on stderr (coffea draws progress bars on
     stdout whatever it is told), then print the table or the JSON on stdout."""
     with contextlib.redirect_stdout(sys.stderr):
-        rows, caches, context = _measure_all(config, args, Console(stderr=True))
+        rows, caches, context = _measure_all(config, args, err_console)
     if args.json:
         print(json.dumps({**context, "rows": [{**asdict(r), "ratios": r.ratios()} for r in rows],
                           "caches": [{**asdict(c), "warm/cold": c.warm / c.cold} for c in caches]},
