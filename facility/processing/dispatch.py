@@ -194,9 +194,9 @@ class Dispatcher:
         self._unsent: dict[frozenset[str], list[tuple[str, tuple[Chunk, ...]]]] = {}
         self._finished: list[Future] = []  # finished, not fetched yet
 
-    def ship(self, processor: Any) -> None:
-        """Send the processor once; every chunk task depends on it."""
-        self.processor = self.client.submit(_load_processor, processor_payload(processor),
+    def ship(self, payload: bytes) -> None:
+        """Send the processor (:func:`processor_payload`) once; every chunk task depends on it."""
+        self.processor = self.client.submit(_load_processor, payload,
                                             key=f"processor-{self.run_id}", pure=False)
         self._everywhere(self.processor)
 

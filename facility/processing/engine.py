@@ -173,7 +173,7 @@ class Run:
         if self._dispatcher is None:
             self.health.unhealthy |= unreachable_endpoints(self.request.tasks)
             made = self._make_dispatcher()
-            made.ship(self.request.processor)
+            made.ship(self.request.payload)
             self._dispatcher = made
         return self._dispatcher
 

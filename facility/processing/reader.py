@@ -22,6 +22,7 @@ anything else, a mistyped corrections file opened with uproot included, is the u
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import os
@@ -350,9 +351,11 @@ _LIBRARY_ROOTS = tuple(sorted({str(Path(p).resolve()) for key, p in sysconfig.ge
 _FACILITY_ROOT = str(Path(__file__).resolve().parents[1])
 
 
+@functools.lru_cache(maxsize=65536)
 def users_own_file(filename: str) -> bool:
     """A source file of the user's (beside their notebook): neither Python's, nor an installed
-    package's, nor the facility's."""
+    package's, nor the facility's. Kept per name: a run asks it of every module the process
+    has imported (thousands, each resolved through the file system)."""
     if filename.startswith("<"):
         return False
     return not str(Path(filename).resolve()).startswith((*_LIBRARY_ROOTS, _FACILITY_ROOT))

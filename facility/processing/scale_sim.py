@@ -31,7 +31,7 @@ from coffea.processor import ProcessorABC
 from facility.cluster.local import LocalBackend
 from facility.config import FacilityConfig, load_config
 from facility.embedded.services import Supervisor
-from facility.processing.dispatch import Dispatcher, close_client
+from facility.processing.dispatch import Dispatcher, close_client, processor_payload
 from facility.processing.engine import Request, Run, RunSettings
 from facility.processing.plan import Chunk, FileInfo, FileTask
 from facility.processing.receipts import ChunkDone
@@ -88,7 +88,8 @@ def emulated_request(chunks: int, seconds: float, bins: int, settings: RunSettin
                         entries)
         infos[task.label] = FileInfo(task, task.urls[0], entries, tuple(range(entries + 1)))
     tasks = [info.task for info in infos.values()]
-    return Request(SleepingProcessor(seconds, bins), b"", ["emulated"], tasks,
+    processor = SleepingProcessor(seconds, bins)
+    return Request(processor, processor_payload(processor), ["emulated"], tasks,
                    {"emulated": chunks}, settings, inspected=infos)
 
 
