@@ -13,7 +13,7 @@ import pytest
 import uproot
 
 from facility.errors import DataError, InfrastructureError, UsageError, UserCodeError
-from facility.processing import policy
+from facility.processing import policy, resident
 from facility.processing.compare import differences, total_entries
 from facility.processing.journal import CHECKPOINT_FILE, JOURNAL_FILE, Journal, replay
 from facility.processing.ledger import ChunkLedger, LedgerError
@@ -263,8 +263,6 @@ def test_holdings_give_back_what_a_lost_worker_held_and_stay_lost() -> None:
 
 
 def test_a_worker_refuses_to_hold_a_chunk_twice() -> None:
-    from facility.processing import resident
-
     assert resident.absorb("run-x", ["a", "b"], {"n": 2})
     assert not resident.absorb("run-x", ["b", "c"], {"n": 2})
     assert resident.absorb("run-x", ["c"], {"n": 1})
@@ -274,18 +272,46 @@ def test_a_worker_refuses_to_hold_a_chunk_twice() -> None:
     resident.forget("run-x")
 
 
-@pytest.mark.parametrize(("queued", "slots", "seconds", "expected"), [
-    (100_000, 2000, None, 4),      # a chunk's time is not known yet: a few a task
-    (3_000, 2000, None, 2),        # ... and no more than each slot's share
-    (100, 2, None, 1),             # ... and one a task where the slots are few
-    (100, 10, 2.5, 1),             # a small cluster: one chunk a task
-    (100_000, 2000, 1.0, 8),       # 2000 slots of 1 s chunks: 250 tasks a second
-    (4_000, 2000, 1.0, 2),         # the last waves: no slot takes more than its share
-    (10_000_000, 100_000, 0.01, 64),  # never more than the limit
+@pytest.mark.parametrize(("queued", "slots", "seconds", "wanted", "expected"), [
+    (100_000, 2000, None, None, 8),    # a chunk's time is not known yet: as if it were a second
+    (3_000, 2000, None, None, 2),      # ... and no more than each slot's share
+    (100, 2, None, None, 1),           # ... and one a task where the slots are few
+    (100, 10, 2.5, None, 1),           # a small cluster: one chunk a task
+    (100_000, 2000, 1.0, None, 8),     # 2000 slots of 1 s chunks: 250 tasks a second
+    (4_000, 2000, 1.0, 10, 8),         # the queue's last chunks, every slot busy: still large
+    (4_000, 2000, 1.0, 2000, 2),       # chunks handed back, every slot idle: spread over them
+    (10_000_000, 100_000, 0.01, None, 64),  # never more than the limit
 ])
 def test_bundles_keep_the_task_rate_bounded_and_the_tail_short(
-        queued: int, slots: int, seconds: float | None, expected: int) -> None:
-    assert policy.bundle_size(queued, slots, seconds, 250.0, 64) == expected
+        queued: int, slots: int, seconds: float | None, wanted: int | None,
+        expected: int) -> None:
+    assert policy.bundle_size(queued, slots, seconds, 250.0, 64, wanted) == expected
+
+
+def test_the_first_wave_ends_in_a_stream_from_the_first_chunk_on() -> None:
+    """Bundles sent before any chunk's time is known have every size from one to twice the
+    size asked for: the first result comes after one chunk, and on average they are as large
+    as asked, so the task rate is as bounded as later."""
+    sizes = [policy.staggered(8, number, first_wave=True) for number in range(15)]
+    assert sorted(sizes) == list(range(1, 16))
+    assert sum(sizes) / len(sizes) == 8
+    later = [policy.staggered(8, number) for number in range(5)]
+    assert min(later) > 1
+    assert sum(later) / len(later) == 8
+
+
+def test_a_yield_cuts_only_bundles_holding_more_than_their_share() -> None:
+    resident.yield_chunks("run-y", 0, keep=3)
+    assert resident.should_yield("run-y", 0, left=4)
+    assert not resident.should_yield("run-y", 0, left=3)   # no more than its share: goes on
+    assert not resident.should_yield("run-y", 1, left=40)  # made from what was handed back
+    resident.yield_chunks("run-y", 1, keep=0)
+    assert resident.should_yield("run-y", 0, left=1)
+    assert resident.should_yield("run-y", 1, left=1)
+    resident.yield_chunks("run-y", 0, keep=5)  # a late answer to an older yield changes nothing
+    assert resident.should_yield("run-y", 1, left=1)
+    resident.forget("run-y")
+    assert not resident.should_yield("run-y", 0, left=10)
 
 
 # -- journal ------------------------------------------------------------------------------------

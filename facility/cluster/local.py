@@ -245,14 +245,16 @@ def worker_environment(config: FacilityConfig) -> dict[str, int | str | None]:
 # Imported by every worker process before it joins the scheduler: coffea, awkward and uproot take
 # seconds of CPU to import. Paid at start, it is part of the wait for workers; paid at the first
 # chunk, many workers sharing few cores stop answering the scheduler while they import, and
-# their results cannot be fetched.
-WORKER_PRELOAD = ["facility.processing.reader"]
+# their results cannot be fetched. The scheduler imports it too: it unpickles every task it is
+# given, and would otherwise import the run engine when the first run's first tasks arrive,
+# with every slot waiting.
+ENGINE_PRELOAD = ["facility.processing.dispatch"]
 
 
 def worker_spec(request: WorkerRequest, security: Security) -> dict:
     options: dict[str, Any] = {"nthreads": request.threads, "memory_limit": request.memory,
                                "host": "127.0.0.1", "security": security,
-                               "protocol": "tls", "preload": WORKER_PRELOAD}
+                               "protocol": "tls", "preload": ENGINE_PRELOAD}
     if request.gpus:
         options["resources"] = {"GPU": request.gpus}
     return {"cls": Nanny, "options": options}
@@ -266,7 +268,7 @@ def scheduler_spec(config: FacilityConfig, security: Security, idle_timeout: flo
     return {"cls": Scheduler, "options": {
         "host": "127.0.0.1", "port": port, "protocol": "tls",
         "dashboard_address": f"127.0.0.1:{dashboard}", "security": security,
-        "idle_timeout": idle_timeout or None,
+        "idle_timeout": idle_timeout or None, "preload": ENGINE_PRELOAD,
     }}
 
 

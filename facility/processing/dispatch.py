@@ -110,7 +110,7 @@ def _bundle_task(chunks: tuple[Chunk, ...], processor: Any, run_id: str, epoch: 
     failures: list[tuple[str, Failure]] = []
     refused = False
     for index, chunk in enumerate(chunks):
-        if index and resident.should_yield(run_id, epoch):
+        if index and resident.should_yield(run_id, epoch, len(chunks) - index):
             return BundleDone(holder, tuple(done), tuple(failures),
                               tuple(c.chunk_id for c in chunks[index:]), not refused, worker)
         outcome = work(processor, chunk, timeout, open_limit, avoid)
@@ -193,32 +193,38 @@ class Dispatcher:
         self.yields = 0  # bundles submitted from now on belong to this yield epoch
         self._unsent: dict[frozenset[str], list[tuple[str, tuple[Chunk, ...]]]] = {}
         self._finished: list[Future] = []  # finished, not fetched yet
+        self._pulls: list[Future] = []  # workers fetching the processor (see :meth:`ship`)
 
     def ship(self, payload: bytes) -> None:
-        """Send the processor (:func:`processor_payload`) once; every chunk task depends on it."""
+        """Send the processor (:func:`processor_payload`) once; every chunk task depends on it.
+        It is sent at once and waited for only when the first bundle goes: the run plans its
+        chunks meanwhile."""
         self.processor = self.client.submit(_load_processor, payload,
                                             key=f"processor-{self.run_id}", pure=False)
-        self._everywhere(self.processor)
+        self._pulls = self._everywhere(self.processor)
 
-    def _everywhere(self, future: Future) -> None:
+    def _everywhere(self, future: Future) -> list[Future]:
         """Have every worker there is now fetch a result before the first bundle needs it.
 
         Otherwise every worker fetches it from the one that made it just when that one starts
         its first hundreds of tasks, and waits seconds for an answer. A small task pinned to
-        each worker pulls it; they are waited for a bounded time, never more (a worker lost
-        meanwhile fetches it later, as does one that joins later). Still a task's result, not
+        each worker pulls it (:meth:`_await_pulls` waits for them). Still a task's result, not
         scattered data: if every worker holding it dies, it is made again.
         """
         workers = list(self.client.scheduler_info(n_workers=-1)["workers"])
-        if not workers:
-            return  # an adaptive cluster starting from zero: its workers fetch it
-        pulls = [self.client.submit(_holds, future, key=f"{future.key}-copy-{index}",
-                                    workers=[worker], allow_other_workers=False, pure=False,
-                                    priority=20)
-                 for index, worker in enumerate(workers)]
+        # none: an adaptive cluster starting from zero, whose workers fetch it when they come
+        return [self.client.submit(_holds, future, key=f"{future.key}-copy-{index}",
+                                   workers=[worker], allow_other_workers=False, pure=False,
+                                   priority=20)
+                for index, worker in enumerate(workers)]
+
+    def _await_pulls(self) -> None:
+        """Wait a bounded time, never more, for every worker to hold the processor (a worker
+        lost meanwhile fetches it later, as does one that joins later)."""
+        pulls, self._pulls = self._pulls, []
         deadline = time.monotonic() + PROCESSOR_WAIT_SECONDS
-        while (any(p.status == "pending" for p in pulls) and future.status != "error"
-               and time.monotonic() < deadline):
+        while (any(p.status == "pending" for p in pulls) and self.processor is not None
+               and self.processor.status != "error" and time.monotonic() < deadline):
             time.sleep(POLL_SECONDS)
         for pull in pulls:  # a processor that failed to load is reported by the bundles
             pull.release()
@@ -257,6 +263,7 @@ class Dispatcher:
         key = self._key("bundle")
         self.items[key] = chunks
         if avoid_workers:
+            self._await_pulls()
             self.pending.add(self.client.submit(
                 _bundle_task, chunks, key=key, pure=False, priority=5,
                 **self._bundle_arguments(avoid), **self._placement(avoid_workers)))
@@ -271,6 +278,8 @@ class Dispatcher:
     def flush(self) -> None:
         """Submit every queued bundle, in one message to the scheduler per set of endpoints to
         avoid: submitting thousands of tasks one by one costs the client seconds."""
+        if self._unsent:
+            self._await_pulls()
         for avoid, bundles in self._unsent.items():
             for first in range(0, len(bundles), SUBMIT_BATCH):
                 batch = bundles[first:first + SUBMIT_BATCH]
@@ -349,13 +358,13 @@ class Dispatcher:
             raise SchedulerLost(f"collecting the workers' results failed: {short(exc)}") from exc
         return [held for held in answers.values() if isinstance(held, resident.Held)]
 
-    def yield_chunks(self) -> None:
+    def yield_chunks(self, keep: int = 0) -> None:
         """Ask every bundle of the run submitted so far to hand back the chunks it has not
-        started."""
+        started beyond ``keep``."""
         self.flush()
         if self.client.status == "running":
             self.client.sync(_run_unless_lost, self.client, resident.yield_chunks, self.run_id,
-                             self.yields)
+                             self.yields, keep)
         self.yields += 1
 
     def retire(self, worker: str) -> None:
@@ -365,7 +374,8 @@ class Dispatcher:
     def cancel(self) -> None:
         """Forget every task; tell the scheduler only if it is still there (asking a lost one
         would wait out the connection timeout)."""
-        futures = [*self.pending.futures, *self._finished]
+        futures = [*self.pending.futures, *self._finished, *self._pulls]
+        self._pulls = []
         self.pending.clear()
         self.items.clear()
         self._unsent.clear()

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +132,26 @@ CHUNK_TIME_WEIGHT = 0.1  # of each new chunk time in the running estimate
 MIN_YIELD_SECONDS = 1.0
 
 
+@contextlib.contextmanager
+def _long_lived() -> Iterator[None]:
+    """Make what lives as long as the run (a chunk and a ledger entry for every chunk of the
+    plan: hundreds of thousands in a large run) out of the cycle collector's sight.
+
+    Otherwise the collector walks them all, again and again while they are made and while the
+    run goes on, each time stopping the client, and with it the fetching of results, for tenths
+    of a second. They are made with it paused and then set aside from its walks
+    (:func:`gc.freeze`) until the run ends (:func:`gc.unfreeze`, in :meth:`Run.execute`).
+    """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if paused:
+            gc.enable()
+
+
 def _what(chunk: Chunk) -> str:
     return f"{chunk.file.label} entries {chunk.entry_start}-{chunk.entry_stop}"
 
@@ -208,9 +229,11 @@ class Run:
                 chunk = self.queue.popleft()
                 self._submit([chunk], self.health.avoid(chunk.chunk_id))
                 continue
-            size = policy.staggered(policy.bundle_size(
+            size = min(self.settings.bundle_limit, policy.staggered(policy.bundle_size(
                 len(self.queue), slots, self.stats.chunk_seconds,
-                self.settings.max_tasks_per_second, self.settings.bundle_limit), self.stats.tasks)
+                self.settings.max_tasks_per_second, self.settings.bundle_limit,
+                target - dispatcher.in_flight),
+                self.stats.tasks, first_wave=self.stats.chunk_seconds is None))
             bundle: list[Chunk] = []
             while self.queue and len(bundle) < size and not self._alone(self.queue[0]):
                 bundle.append(self.queue.popleft())
@@ -232,8 +255,10 @@ class Run:
 
     def _spread_the_tail(self) -> None:
         """The queue is empty, slots idle and bundles still hold chunks they have not started:
-        ask them to hand those back, to spread them over the idle slots. Asked again at most
-        once per chunk time (by then the last answers are in, and bundles are smaller)."""
+        ask those holding more than a slot's share of what is left (about half of what is in
+        flight is not started yet) to hand the rest back, to spread it over the idle slots.
+        Asked again at most once per chunk time (by then the last answers are in, and bundles
+        are smaller)."""
         dispatcher = self._dispatcher
         if (self.queue or dispatcher is None
                 or dispatcher.chunks_in_flight <= dispatcher.in_flight
@@ -242,7 +267,7 @@ class Run:
                                                             self.stats.chunk_seconds or 0.0)):
             return
         self.last_yield = time.monotonic()
-        dispatcher.yield_chunks()
+        dispatcher.yield_chunks(keep=dispatcher.chunks_in_flight // (2 * dispatcher.slots()))
 
     def _alone(self, chunk: Chunk) -> bool:
         """A chunk tried before (or whose bundle killed workers) shares a task with no other."""
@@ -270,8 +295,17 @@ class Run:
         replayed = self.request.replay
         if replayed is not None and replayed.chunks:
             self.reducer.seed(replayed.accumulator, replayed.chunks)
-        for task in self.request.tasks:
-            self._start(task)
+        with _long_lived():
+            for task in self.request.tasks:
+                self._start(task)
+                if self.queue and self._dispatcher is None:
+                    _ = self.dispatcher  # there is work: the processor travels while the rest plans
+        try:
+            self._loop()
+        finally:
+            gc.unfreeze()
+
+    def _loop(self) -> None:
         self._top_up()
         while self._dispatcher is not None and (self._dispatcher.in_flight or self.queue
                                                 or self.suspects or len(self.holdings)):

@@ -12,6 +12,7 @@ range, never the replica: the same chunk read from another region is the same ch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import socket
 from collections.abc import Iterable
@@ -92,8 +93,9 @@ class Chunk:
     entry_stop: int
     file_entries: int = -1  # what preflight saw; a file that no longer has them changed since
 
-    @property
+    @functools.cached_property
     def chunk_id(self) -> str:
+        """Asked for at every step of the chunk's accounting: made once."""
         return f"{self.file.dataset}/{self.file.name}:{self.entry_start}-{self.entry_stop}"
 
     @property
@@ -178,11 +180,18 @@ def plan_chunks(info: FileInfo, chunk_size: int) -> list[Chunk]:
         return []
     n_chunks = max(1, round(info.entries / chunk_size))
     targets = np.linspace(0, info.entries, n_chunks + 1).round().astype(int)
-    starts = np.asarray(sorted({*info.cluster_starts, 0, info.entries}))
     if info.cluster_starts:
-        targets = np.asarray([starts[np.abs(starts - t).argmin()] for t in targets])
+        targets = _nearest(np.asarray(sorted({*info.cluster_starts, 0, info.entries})), targets)
     edges = sorted({0, info.entries, *(int(t) for t in targets)})
     return [Chunk(info.task, a, b, info.entries) for a, b in itertools.pairwise(edges) if b > a]
+
+
+def _nearest(starts: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The cluster start nearest each target (the earlier one on a tie)."""
+    above = np.clip(np.searchsorted(starts, targets), 1, len(starts) - 1)
+    below = above - 1
+    return np.where(targets - starts[below] <= starts[above] - targets, starts[below],
+                    starts[above])
 
 
 class Inspections:

@@ -66,33 +66,38 @@ def decide(failure: Failure, *, attempts: int, retries: int, skip_bad_input: boo
 
 
 def bundle_size(queued: int, slots: int, chunk_seconds: float | None, max_tasks_per_second: float,
-                limit: int) -> int:
+                limit: int, wanted: int | None = None) -> int:
     """How many chunks one task processes, one after another.
 
     Enough that the scheduler starts at most ``max_tasks_per_second`` tasks however many slots
-    run (``slots / (chunk_seconds * b)`` tasks a second); never so many that some slots get
-    nothing while the queue still holds work for them. Until a chunk's time is known, one chunk
-    a task, or a few where the slots are so many that one a task would exceed the rate at any
-    chunk time of a second or more: the client then takes in the first results while slots are
-    still busy.
-    (The end of a run is not this function's concern: bundles then hand back what they have not
-    started, see :mod:`.resident`.)
+    run (``slots / (chunk_seconds * b)`` tasks a second; until a chunk's time is known, as if
+    it were a second). Never more than the queue's share for each of the ``wanted`` tasks the
+    client is about to submit (by default one per slot): while every slot is busy only a few
+    are wanted at a time and bundles stay large until the queue runs dry; after bundles hand
+    back what they have not started (see :mod:`.resident`) many are wanted and the chunks
+    handed back are spread over them. A task costs the workers, the scheduler and the client
+    about a millisecond each, so bundles that shrank while the queue still held thousands of
+    chunks would turn the run's last waves into a storm of tasks.
     """
-    by_share = math.ceil(queued / max(slots, 1))
-    if chunk_seconds is None or chunk_seconds <= 0:
-        by_rate_at_a_second = math.ceil(slots / max_tasks_per_second)
-        return max(1, min(limit, by_share, FIRST_BUNDLE, by_rate_at_a_second))
-    by_rate = math.ceil(slots / (chunk_seconds * max_tasks_per_second))
+    by_share = math.ceil(queued / max(wanted if wanted is not None else slots, 1))
+    seconds = chunk_seconds if chunk_seconds is not None and chunk_seconds > 0 else 1.0
+    by_rate = math.ceil(slots / (seconds * max_tasks_per_second))
     return max(1, min(limit, by_rate, by_share))
 
 
 STAGGER = (1.0, 0.6, 1.4, 0.8, 1.2)
-FIRST_BUNDLE = 4
 
 
-def staggered(size: int, task_number: int) -> int:
+def staggered(size: int, task_number: int, first_wave: bool = False) -> int:
     """Bundles of a few different sizes around ``size``: bundles started together then end at
-    different times, so the slots they free are refilled in a stream, not in one burst."""
+    different times, so the slots they free are refilled in a stream, not in one burst.
+
+    The first wave (no chunk's time known yet) has every size from one to twice ``size``: its
+    bundles end in an even stream from the first chunk's time on, so the first results come
+    after one chunk and the client is never handed thousands of results at once.
+    """
+    if first_wave:
+        return 1 + task_number % (2 * size - 1)
     return max(1, round(size * STAGGER[task_number % len(STAGGER)]))
 
 

@@ -47,8 +47,9 @@ class _Resident:
 
 _residents: dict[str, _Resident] = {}
 _registry_lock = threading.Lock()
-# per run, the newest yield: bundles submitted before it hand back the chunks they have not started
-_yielded: dict[str, int] = {}
+# per run, the newest yield and how many chunks a bundle keeps: bundles submitted before it hand
+# back the chunks they have not started beyond that many
+_yielded: dict[str, tuple[int, int]] = {}
 
 
 def holder_name(address: str) -> str:
@@ -99,17 +100,26 @@ def collect(run_id: str, dask_worker: Any = None) -> Held:
     return held
 
 
-def yield_chunks(run_id: str, epoch: int) -> None:
+def yield_chunks(run_id: str, epoch: int, keep: int = 0) -> None:
     """The run's queue is empty while slots idle: bundles of this run submitted before yield
-    ``epoch`` (running or waiting here) finish the chunk they are on and hand the rest back, to
-    be spread over the idle slots. Bundles made from what they hand back carry a later epoch
-    and keep their chunks."""
-    _yielded[run_id] = max(epoch, _yielded.get(run_id, -1))
+    ``epoch`` (running or waiting here) that have more than ``keep`` chunks not started finish
+    the chunk they are on and hand the rest back, to be spread over the idle slots. Bundles
+    made from what they hand back carry a later epoch and keep their chunks.
+
+    ``keep`` is about each slot's share of what is left: a bundle with no more than that goes
+    on, so that only the bundles that would end the run late are cut, and the slots that
+    idle get their work from as few new tasks as will do.
+    """
+    newest = _yielded.get(run_id)
+    if newest is None or epoch >= newest[0]:
+        _yielded[run_id] = (epoch, keep)
 
 
-def should_yield(run_id: str, epoch: int) -> bool:
-    """Whether a bundle submitted in ``epoch`` is to hand back what it has not started."""
-    return _yielded.get(run_id, -1) >= epoch
+def should_yield(run_id: str, epoch: int, left: int) -> bool:
+    """Whether a bundle submitted in ``epoch``, with ``left`` chunks not started, is to hand
+    them back."""
+    newest = _yielded.get(run_id)
+    return newest is not None and newest[0] >= epoch and left > newest[1]
 
 
 def forget(run_id: str) -> None:
