@@ -189,6 +189,20 @@ def test_the_benchmarks_hand_written_dimuon_is_the_processors_histogram(
     assert np.allclose(contents, expected, rtol=1e-9)
 
 
+def test_the_benchmark_finds_a_chunks_fixed_cost_from_two_chunk_sizes() -> None:
+    """Runs whose time is ``events * a + chunks * f`` over two workers give back ``f``."""
+    from facility.processing.bench import SMALL_CHUNK, Row
+
+    events, per_event, fixed, workers = 2_000_000, 4e-7, 0.030, 2
+
+    def rate(chunk: int) -> float:
+        return events / ((events * per_event + events / chunk * fixed) / workers)
+
+    row = Row("root://", facility=rate(200_000), facility_small_chunks=rate(SMALL_CHUNK))
+    assert row.fixed_chunk_ms(workers, 200_000) == pytest.approx(30.0)
+    assert np.isnan(row.fixed_chunk_ms(workers, SMALL_CHUNK))
+
+
 def _drop(config: FacilityConfig, name: str) -> None:
     catalog = load_catalog(config.catalog_path)
     save_catalog(Catalog(datasets={k: v for k, v in catalog.datasets.items() if k != name}),

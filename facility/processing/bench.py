@@ -177,6 +177,18 @@ class Row:
                 "facility/ceiling": self.facility / self.ceiling,
                 "small/large chunks": self.facility_small_chunks / self.facility}
 
+    def fixed_chunk_ms(self, workers: int, chunk_size: int) -> float:
+        """What a chunk costs whatever its size, in milliseconds of a worker's time, from the
+        two facility runs: the same events in chunks of ``chunk_size`` and of ``SMALL_CHUNK``
+        take ``events * a + chunks * f`` seconds of ``workers`` workers each. Everything a
+        chunk adds counts (building its events, its task's share, its receipt), as a user's run
+        pays it."""
+        extra_per_event = 1 / self.facility_small_chunks - 1 / self.facility
+        extra_chunks_per_event = 1 / SMALL_CHUNK - 1 / chunk_size
+        if extra_chunks_per_event <= 0:
+            return float("nan")  # the configured chunks are no larger than the small ones
+        return 1000 * workers * extra_per_event / extra_chunks_per_event
+
 
 def measure(label: str, urls: list[str], dataset: str, config: FacilityConfig, client: Any,
             workers: int, repeat: int) -> tuple[Row, list[str]]:
@@ -248,7 +260,10 @@ def bench_command(config: FacilityConfig, args: argparse.Namespace, console: Con
     with contextlib.redirect_stdout(sys.stderr):
         rows, caches, context = _measure_all(config, args, err_console)
     if args.json:
-        print(json.dumps({**context, "rows": [{**asdict(r), "ratios": r.ratios()} for r in rows],
+        print(json.dumps({**context, "rows": [
+            {**asdict(r), "ratios": r.ratios(),
+             "fixed_ms_per_chunk": r.fixed_chunk_ms(context["workers"], context["chunk_size"])}
+            for r in rows],
                           "caches": [{**asdict(c), "warm/cold": c.warm / c.cold} for c in caches]},
                          indent=2))
     else:
@@ -300,7 +315,7 @@ def _measure_all(config: FacilityConfig, args: argparse.Namespace, console: Cons
 def _print_table(console: Console, rows: list[Row], context: dict[str, Any]) -> None:
     table = Table("source", "ceiling", "hand-written", "coffea", "coffea tuned", "facility",
                   "facility 50k", "fac/hand", "fac/tuned", "fac/coffea", "fac/ceiling",
-                  "50k/default",
+                  "50k/default", "fixed ms/chunk",
                   title=f"dimuon over {context['events']:,} events, {context['workers']} worker "
                         f"processes, events per second, best of {context['repeat']}; facility "
                         f"chunks {context['chunk_size']:,} and {SMALL_CHUNK:,}, coffea tuned "
@@ -312,7 +327,8 @@ def _print_table(console: Console, rows: list[Row], context: dict[str, Any]) -> 
             "facility_small_chunks")),
             f"{ratios['facility/hand-written']:.0%}", f"{ratios['facility/coffea tuned']:.2f}",
             f"{ratios['facility/coffea']:.2f}", f"{ratios['facility/ceiling']:.0%}",
-            f"{ratios['small/large chunks']:.0%}")
+            f"{ratios['small/large chunks']:.0%}",
+            f"{row.fixed_chunk_ms(context['workers'], context['chunk_size']):.0f}")
     Console(width=max(console.width, 160)).print(table)
 
 
