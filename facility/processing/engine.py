@@ -223,7 +223,7 @@ class Run:
             return
         dispatcher = self.dispatcher
         slots = dispatcher.slots()
-        target = math.ceil(IN_FLIGHT_PER_SLOT * slots) + 1
+        target = self._in_flight_target(slots)
         while self.queue and dispatcher.in_flight < target:
             if self._alone(self.queue[0]):
                 chunk = self.queue.popleft()
@@ -239,6 +239,16 @@ class Run:
                 bundle.append(self.queue.popleft())
             self._submit(bundle)
         dispatcher.flush()
+
+    def _in_flight_target(self, slots: int) -> int:
+        """Tasks to keep out: one per slot, and spares (a slot that frees up starts the next
+        without waiting for the client) while the queue holds a full bundle for each of them.
+        Near the end spares would be large bundles waiting while other slots idle."""
+        full = policy.bundle_size(len(self.queue), slots, self.stats.chunk_seconds,
+                                  self.settings.max_tasks_per_second, self.settings.bundle_limit,
+                                  wanted=1)
+        spares = min((IN_FLIGHT_PER_SLOT - 1) * slots, len(self.queue) / full)
+        return math.ceil(slots + spares) + 1
 
     def _try_suspect(self) -> None:
         """Once nothing else is in flight, try the next suspect: alone in the whole run, a
