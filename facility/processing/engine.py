@@ -305,12 +305,12 @@ class Run:
         replayed = self.request.replay
         if replayed is not None and replayed.chunks:
             self.reducer.seed(replayed.accumulator, replayed.chunks)
-        with _long_lived():
-            for task in self.request.tasks:
-                self._start(task)
-                if self.queue and self._dispatcher is None:
-                    _ = self.dispatcher  # there is work: the processor travels while the rest plans
         try:
+            with _long_lived():
+                for task in self.request.tasks:
+                    self._start(task)
+                    if self.queue and self._dispatcher is None:
+                        _ = self.dispatcher  # there is work: the processor travels meanwhile
             self._loop()
         finally:
             gc.unfreeze()
