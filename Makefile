@@ -13,6 +13,10 @@ NODE_DIR := facility/hub/provider
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 # helm, pinned, from its wheel on the package index (tests render the chart with it)
 HELM := $(BIN)/helm
+# the test files run in parallel processes (one per logical core, at most 4), each with a facility of its
+# own on free ports: most tests wait on servers, browsers and workers rather than compute.
+# A file stays in one process, so its module fixtures (a hub, a browser) are made once.
+PYTEST_PARALLEL ?= --numprocesses=logical --maxprocesses=4 --dist=loadfile
 CHART_OUTPUT := build/chart/manifests.yaml
 
 .PHONY: setup system-deps demo test lint typecheck unit down clean chart
@@ -61,7 +65,7 @@ typecheck: setup
 test: setup
 	$(BIN)/ruff check facility tests
 	$(BIN)/mypy facility
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_PARALLEL)
 
 clean:
 	-$(BIN)/facility down

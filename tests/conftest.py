@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -68,12 +69,20 @@ samples:
     return load_config(path, environ={k: str(v) for k, v in overrides.items()})
 
 
+def run_name(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A name of this test process's own: the run's, and under pytest-xdist the worker's too, so
+    that parallel workers never share a facility home."""
+    base = tmp_path_factory.getbasetemp()
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return f"{base.parent.name}-{worker}" if worker else base.name
+
+
 @pytest.fixture(scope="session")
 def facility_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FacilityConfig]:
     """Samples generated, XRootD servers and the Dask cluster up; all stopped at the end."""
     # under the checkout, not pytest's private temporary folder: the XRootD servers run as an
     # unprivileged account that must be able to reach the files
-    home = REPO / ".facility" / "tests" / tmp_path_factory.getbasetemp().name
+    home = REPO / ".facility" / "tests" / run_name(tmp_path_factory)
     shutil.rmtree(home, ignore_errors=True)
     config = small_config(home)
     generate_samples(config, report=lambda _: None)
@@ -102,5 +111,8 @@ def real_nanoaod(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 if name in wanted and "/tests/samples/" in member.name:
                     source = tar.extractfile(member)
                     assert source is not None
-                    wanted[name].write_bytes(source.read())
+                    # whole or not at all: parallel test workers may fetch the same file
+                    partial = cache / f".{name}.{os.getpid()}"
+                    partial.write_bytes(source.read())
+                    os.replace(partial, wanted[name])
     return wanted

@@ -36,7 +36,7 @@ from facility.processing.bench import handwritten_dimuon
 from facility.processing.runner import run
 from facility.processing.schemas import SCHEMAS
 from facility.processing.weights import lumi_weight
-from tests.conftest import small_config
+from tests.conftest import run_name, small_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def cloud_facility(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facilit
     """A facility whose third region keeps its replicas in an S3 bucket (the embedded object
     store), beside two XRootD regions: only the DY sample. Its home is deep, as a checkout
     in a deep folder makes it: XRootD then needs its sockets elsewhere."""
-    tests_home = REPO / ".facility" / "tests" / f"cloud-{tmp_path_factory.getbasetemp().name}"
+    tests_home = REPO / ".facility" / "tests" / f"cloud-{run_name(tmp_path_factory)}"
     home = tests_home / "a-facility-home-in-a-folder-deep-enough-for-unix-sockets-to-matter"
     shutil.rmtree(tests_home, ignore_errors=True)
     cloud = (f"  - {{name: cloud, distance: 9, object_store: {{bucket: facility-cloud, "
