@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import itertools
 import logging
 import os
@@ -51,6 +52,16 @@ POLL_SECONDS = 0.02
 SLOTS_REFRESH_SECONDS = 2.0
 PROCESSOR_WAIT_SECONDS = 10.0
 GATHER_BATCH = 500
+
+
+def dask_setup(server: Any) -> None:
+    """Run by each worker and scheduler that preloads this module, once its imports are done:
+    the objects they made (coffea, awkward, uproot, distributed; a few hundred thousand) are
+    moved out of the cycle collector's sight for good. Every chunk makes thousands of
+    containers, so the collector runs often, and each full pass would walk all of them again
+    (measured: a 50k-event chunk about a tenth slower with them in view)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _own_module(name: str) -> bool:
