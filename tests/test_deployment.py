@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import http.server
 import json
 import logging
@@ -450,6 +451,18 @@ def operator_sees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[d
         for process in (worker, scheduler):
             process.kill()
             process.wait()
+
+
+def test_a_pods_scheduler_and_worker_load_the_run_engine_before_the_first_task(
+        operator_sees: dict[str, Any]) -> None:
+    """The engine's preload has run in both (its setup freezes their start-up objects: nothing
+    else does), so a run's first tasks wait on neither import."""
+    with Client(operator_sees["address"], security=operator_sees["security"], timeout=30) as client:
+        client.wait_for_workers(1, timeout=60)
+        [worker_frozen] = client.run(gc.get_freeze_count).values()
+        scheduler_frozen = client.run_on_scheduler(gc.get_freeze_count)
+    assert worker_frozen > 0
+    assert scheduler_frozen > 0
 
 
 def test_the_operator_scales_retires_and_checks_idleness_over_the_schedulers_api(

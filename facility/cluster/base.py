@@ -28,6 +28,15 @@ from facility.errors import InfrastructureError
 PROXY_PREFIX_ENV = "JUPYTERHUB_SERVICE_PREFIX"
 PUBLIC_URL_ENV = "JUPYTERHUB_PUBLIC_URL"  # set by the hub when it knows its public address
 
+# Imported by every worker process, local or in a pod, before it joins the scheduler: coffea,
+# awkward and uproot take seconds of CPU to import. Paid at start, it is part of the wait for
+# workers; paid at the first chunk, many workers sharing few cores stop answering the scheduler
+# while they import, and their results cannot be fetched. The scheduler imports it too: it
+# unpickles every task it is given, and would otherwise import the run engine when the first
+# run's first tasks arrive, with every slot waiting. Its ``dask_setup`` then freezes what the
+# imports made out of the cycle collector's sight.
+ENGINE_PRELOAD = ["facility.processing.dispatch"]
+
 
 def clusters_path(config: FacilityConfig) -> Path:
     return config.state_path / "clusters"

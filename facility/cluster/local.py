@@ -32,7 +32,13 @@ from dask.utils import format_bytes
 from distributed import Nanny, Scheduler, SpecCluster
 from distributed.security import Security
 
-from facility.cluster.base import ClusterBackend, ClusterError, ClusterInfo, clusters_path
+from facility.cluster.base import (
+    ENGINE_PRELOAD,
+    ClusterBackend,
+    ClusterError,
+    ClusterInfo,
+    clusters_path,
+)
 from facility.cluster.limits import Identity, WorkerRequest
 from facility.cluster.security import create_credentials, security_from
 from facility.config import FacilityConfig
@@ -241,14 +247,6 @@ def worker_environment(config: FacilityConfig) -> dict[str, int | str | None]:
             "AWS_ENDPOINT_URL_S3": config.s3_endpoint(), **worker_credentials(config),
             **{k: v for k, v in reader_environment(config).items() if k not in os.environ}}
 
-
-# Imported by every worker process before it joins the scheduler: coffea, awkward and uproot take
-# seconds of CPU to import. Paid at start, it is part of the wait for workers; paid at the first
-# chunk, many workers sharing few cores stop answering the scheduler while they import, and
-# their results cannot be fetched. The scheduler imports it too: it unpickles every task it is
-# given, and would otherwise import the run engine when the first run's first tasks arrive,
-# with every slot waiting.
-ENGINE_PRELOAD = ["facility.processing.dispatch"]
 
 
 def worker_spec(request: WorkerRequest, security: Security) -> dict:
