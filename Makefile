@@ -15,9 +15,8 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HELM := $(BIN)/helm
 # the test files run in parallel processes (one per logical core, at most 4), each with a facility of its
 # own on free ports: most tests wait on servers, browsers and workers rather than compute.
-# A file stays in one process, so its module fixtures (a hub, a browser) are made once; files
-# are handed out in the order tests/conftest.py gives them (long ones first), not by test count.
-PYTEST_PARALLEL ?= --numprocesses=logical --maxprocesses=4 --dist=loadfile --no-loadscope-reorder
+# A file stays in one process, so its module fixtures (a hub, a browser) are made once.
+PYTEST_PARALLEL ?= --numprocesses=logical --maxprocesses=4 --dist=loadfile
 CHART_OUTPUT := build/chart/manifests.yaml
 
 .PHONY: setup system-deps demo test lint typecheck unit down clean chart

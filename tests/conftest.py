@@ -27,22 +27,6 @@ REPO = Path(__file__).resolve().parent.parent
 REAL_SAMPLES = ("nano_dy.root", "nano_tt_v12.root", "nano_tt_v15.root", "nano_dy_rntuple.root",
                 "PHYSLITE_example.root")
 
-# The files that take minutes, longest first. Under pytest-xdist (see the Makefile) whole files
-# are handed to the test processes in collection order: these start first, so that the end of
-# the suite is short files spread over every process, not one long file running alone.
-LONG_FILES = ("test_data.py", "test_faults.py", "test_browser.py", "test_batch.py",
-              "test_clusters.py", "test_browser_lab.py", "test_browser_widgets.py",
-              "test_access.py", "test_widgets.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Long files first; every file's tests keep their order (the sort is stable)."""
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
-
-    items.sort(key=rank)
-
 
 def small_config(home: Path, extra_regions: str = "", **overrides: object) -> FacilityConfig:
     """A facility configuration with free ports and small samples, rooted in ``home``."""
