@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -17,7 +19,6 @@ from facility.cluster.local import local_gpus
 from facility.config import FacilityConfig, load_config
 from facility.data.samples import generate_samples
 from facility.embedded import facility as embedded
-from facility.embedded.services import free_port
 from facility.hub.spawner import this_machine
 
 # the browser tests' fixtures (hub, browser), for every browser test module
@@ -26,6 +27,38 @@ pytest_plugins = ("tests.browser",)
 REPO = Path(__file__).resolve().parent.parent
 REAL_SAMPLES = ("nano_dy.root", "nano_tt_v12.root", "nano_tt_v15.root", "nano_dy_rntuple.root",
                 "PHYSLITE_example.root")
+
+# The tests' services listen on ports from a block of this test process's own (one block per
+# pytest-xdist worker), below the kernel's ephemeral range. A port is chosen when a
+# configuration is written and bound when its service starts, minutes later for a hub; a port
+# the kernel handed out as free could meanwhile be chosen by another test process, or become the
+# source port of one of the thousands of connections the tests open.
+PORT_BLOCK_START, PORT_BLOCK_SIZE = 20_000, 1_000
+
+
+def _port_block() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    start = PORT_BLOCK_START + int(worker.removeprefix("gw")) * PORT_BLOCK_SIZE
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if start + PORT_BLOCK_SIZE > ephemeral_low:
+        raise RuntimeError(f"test ports {start}-{start + PORT_BLOCK_SIZE} reach into the kernel's "
+                           f"ephemeral range (from {ephemeral_low}): run fewer test processes")
+    return range(start, start + PORT_BLOCK_SIZE)
+
+
+_unused_ports = itertools.cycle(_port_block())
+
+
+def free_port() -> int:
+    """The next port of this test process's block that nothing listens on."""
+    for port in itertools.islice(_unused_ports, PORT_BLOCK_SIZE):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("every port of this test process's block is in use")
 
 
 def small_config(home: Path, extra_regions: str = "", **overrides: object) -> FacilityConfig:

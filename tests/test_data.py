@@ -31,12 +31,11 @@ from facility.data.catalog import (
 from facility.data.samples import generate_samples
 from facility.data.servers import admin_folder, instance_name
 from facility.embedded import facility as embedded
-from facility.embedded.services import free_port
 from facility.processing.bench import handwritten_dimuon
 from facility.processing.runner import run
 from facility.processing.schemas import SCHEMAS
 from facility.processing.weights import lumi_weight
-from tests.conftest import run_name, small_config
+from tests.conftest import free_port, run_name, small_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -39,8 +39,8 @@ from facility.cluster.limits import Identity, WorkerRequest
 from facility.cluster.security import security_from
 from facility.config import FacilityConfig, load_config
 from facility.deploy import chart
-from facility.embedded.services import free_port
 from tests.admission import evaluate
+from tests.conftest import free_port
 from tests.hub_pod import HubPod, find
 from tests.network_policy import Endpoint, Network, selects
 

@@ -24,9 +24,9 @@ from tornado.websocket import websocket_connect
 from traitlets.config import Config
 
 from facility.config import FacilityConfig, load_config
-from facility.embedded.services import free_port
 from facility.hub.config import configure, scripts_folder
 from facility.hub.welcome import DEFAULT_URL_ENV, FirstStart
+from tests.conftest import free_port
 
 TOKEN = "lab-test-token"
 # what the hub's account has on PATH when `make demo` starts it: not the virtual environment
