@@ -248,7 +248,6 @@ def worker_environment(config: FacilityConfig) -> dict[str, int | str | None]:
             **{k: v for k, v in reader_environment(config).items() if k not in os.environ}}
 
 
-
 def worker_spec(request: WorkerRequest, security: Security) -> dict:
     options: dict[str, Any] = {"nthreads": request.threads, "memory_limit": request.memory,
                                "host": "127.0.0.1", "security": security,
