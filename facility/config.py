@@ -195,8 +195,10 @@ class ClusterConfig(_Strict):
     scheduler_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
     dashboard_port: int = Field(default=8787, ge=0, le=65535, description="0 picks a free port")
     worker_start_timeout: float = Field(default=120.0, gt=0)
-    idle_timeout: float = Field(default=1800.0, ge=0,
-                                description="seconds without work before a cluster stops; 0 never")
+    idle_timeout: float = Field(
+        default=1800.0, ge=0,
+        description="seconds without work before a cluster stops, counted from the last task, "
+        "worker joining or client coming or going; 0 never")
     malloc_trim_threshold: int | None = Field(
         default=None, ge=0,
         description="MALLOC_TRIM_THRESHOLD_ of worker processes; null keeps glibc's adaptive "

@@ -126,13 +126,38 @@ def test_gpu_workers_are_refused_without_a_gpu(facility_config: FacilityConfig) 
 
 
 def test_idle_cluster_stops_by_itself(facility_config: FacilityConfig) -> None:
-    client = connect("idle", workers=1, idle_timeout=8, config=facility_config)
+    """The idle timeout is shorter than the cluster takes to start its worker: the start is
+    not idle time, the time after the client leaves is."""
+    client = connect("idle", workers=1, idle_timeout=3, config=facility_config)
     handle = _handle(client)
     assert client.submit(sum, [1, 1]).result() == 2
     client.close()
     assert handle.backend.running() is not None
     _wait(lambda: handle.backend.running() is None, 60, "idle cluster to stop")
     assert not (handle.backend.folder / "record.json").exists()
+
+
+def test_a_client_waiting_for_workers_keeps_the_cluster_awake_until_it_leaves() -> None:
+    """A real scheduler with the facility's preload, a one-second idle timeout and no worker:
+    it stays up while a client waits on it however long, and stops once the client is gone."""
+    import asyncio
+
+    from distributed import Scheduler
+
+    async def scheduler_life() -> tuple[str, float]:
+        async with Scheduler(host="127.0.0.1", port=0, dashboard_address=":0", idle_timeout=1,
+                             preload=["facility.cluster.idle"]) as scheduler:
+            async with Client(scheduler.address, asynchronous=True):
+                await asyncio.sleep(4)
+                while_waited = scheduler.status.name
+            left = time.monotonic()
+            while scheduler.status.name == "running" and time.monotonic() - left < 30:
+                await asyncio.sleep(0.1)
+            return while_waited, time.monotonic() - left
+
+    while_waited, closed_after = asyncio.run(scheduler_life())
+    assert while_waited == "running"
+    assert closed_after < 30, "the scheduler stayed up after its last client left"
 
 
 def _script_env(config: FacilityConfig, **extra: str) -> dict[str, str]:
@@ -327,7 +352,6 @@ def test_lab_sidebar_creates_scales_and_stops_a_facility_cluster(
     import asyncio
 
     import dask
-    from dask_labextension.manager import make_cluster, make_cluster_model
 
     from facility.cluster.lab import LABEXTENSION_ENV, LabCluster
 
@@ -337,6 +361,10 @@ def test_lab_sidebar_creates_scales_and_stops_a_facility_cluster(
     dask.config.refresh()
 
     async def sidebar() -> tuple[dict, dict, dict, bool]:
+        # dask-labextension builds its manager as it is imported, on this thread's event loop:
+        # imported here, that is the running one whatever earlier tests left behind
+        from dask_labextension.manager import make_cluster, make_cluster_model
+
         cluster, _ = await make_cluster({"workers": 1})
         assert isinstance(cluster, LabCluster)
         deadline = time.monotonic() + 60
@@ -375,8 +403,6 @@ def test_lab_sidebar_lists_a_notebooks_cluster_inserts_code_that_connects_and_fo
     import logging
     import re
 
-    from dask_labextension.manager import DaskClusterManager
-
     from facility.cluster.lab import ClusterSidebar, LabCluster
 
     monkeypatch.setenv("FACILITY_CONFIG", str(facility_config.home / "facility.yaml"))
@@ -387,6 +413,10 @@ def test_lab_sidebar_lists_a_notebooks_cluster_inserts_code_that_connects_and_fo
     inserted = 'from dask.distributed import Client\n\nclient = Client("{address}")\nclient'
 
     async def sidebar() -> tuple[list[dict], dict, list[dict]]:
+        # dask-labextension builds its manager as it is imported, on this thread's event loop:
+        # imported here, that is the running one whatever earlier tests left behind
+        from dask_labextension.manager import DaskClusterManager
+
         manager = DaskClusterManager()
         await manager
         watcher = ClusterSidebar(manager, facility_config)

@@ -36,6 +36,8 @@ PUBLIC_URL_ENV = "JUPYTERHUB_PUBLIC_URL"  # set by the hub when it knows its pub
 # run's first tasks arrive, with every slot waiting. Its ``dask_setup`` then freezes what the
 # imports made out of the cycle collector's sight.
 ENGINE_PRELOAD = ["facility.processing.dispatch"]
+# Schedulers also keep the idle count the facility means (see facility.cluster.idle).
+SCHEDULER_PRELOAD = [*ENGINE_PRELOAD, "facility.cluster.idle"]
 
 
 def clusters_path(config: FacilityConfig) -> Path:
@@ -173,6 +175,15 @@ class ClusterBackend(ABC):
         info = self.start()
         return Client(info.scheduler_address, timeout=timeout, set_as_default=False,
                       security=self.security)
+
+    def stopped_because(self) -> str | None:
+        """Why the cluster stopped, where the implementation can tell (its own log, events)."""
+        return None
+
+    def unreachable(self, address: str, exc: OSError) -> ClusterError:
+        """The error for a cluster that stopped answering its client, with why if known."""
+        why = self.stopped_because() or str(exc)
+        return ClusterError(f"cluster {self.name!r} at {address} stopped answering: {why}")
 
     def explain(self, client: Any) -> list[str]:
         """Why workers are missing; the base knows the limits, implementations add the rest."""

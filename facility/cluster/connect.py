@@ -210,12 +210,18 @@ def connect(name: str | None = None, *, workers: int | None = None,
         config, name, {"min_workers": min_workers, "max_workers": max_workers, "threads": threads,
                        "memory": memory, "gpus": gpus}, idle_timeout)
     handle = FacilityCluster(backend, backend.start())
-    client = Client(handle, security=handle.security, set_as_default=True, timeout=30)
+    try:
+        client = Client(handle, security=handle.security, set_as_default=True, timeout=30)
+    except OSError as exc:
+        raise backend.unreachable(handle.scheduler_address, exc) from exc
     handle.client = client
     try:
         check_versions(client, handle.name)
         if wait and backend.request.min_workers:
             backend.wait_for_workers(client, backend.request.min_workers)
+    except OSError as exc:
+        client.close()
+        raise backend.unreachable(handle.scheduler_address, exc) from exc
     except BaseException:
         client.close()
         raise

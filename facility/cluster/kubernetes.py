@@ -32,7 +32,13 @@ from typing import Any
 import dask.config
 from dask_kubernetes.operator.kubecluster.kubecluster import make_cluster_spec
 
-from facility.cluster.base import ENGINE_PRELOAD, ClusterBackend, ClusterError, ClusterInfo
+from facility.cluster.base import (
+    ENGINE_PRELOAD,
+    SCHEDULER_PRELOAD,
+    ClusterBackend,
+    ClusterError,
+    ClusterInfo,
+)
 from facility.cluster.limits import Identity
 from facility.cluster.security import FILES, create_credentials, pem_contents
 from facility.config import FacilityConfig
@@ -90,8 +96,8 @@ def _mount_credentials(pod: dict, secret: str, files: dict[str, Path]) -> None:
             for key, path in files.items())
 
 
-def _preload_args() -> list[str]:
-    return [arg for module in ENGINE_PRELOAD for arg in ("--preload", module)]
+def _preload_args(modules: list[str]) -> list[str]:
+    return [arg for module in modules for arg in ("--preload", module)]
 
 
 def _tls_args(role: str) -> list[str]:
@@ -172,7 +178,7 @@ class KubernetesBackend(ClusterBackend):
         spec = cluster["spec"]
         scheduler = spec["scheduler"]["spec"]
         scheduler["containers"][0]["args"] = ["dask", "scheduler", "--host", "0.0.0.0",
-                                              *_preload_args(), *_tls_args("scheduler")]
+                                              *_preload_args(SCHEDULER_PRELOAD), *_tls_args("scheduler")]
         scheduler["containers"][0]["resources"] = {"requests": {"cpu": "1", "memory": "2Gi"},
                                                    "limits": {"memory": "2Gi"}}
         scheduler["containers"][0].setdefault("env", []).append(_scheduler_http_api())
@@ -180,7 +186,7 @@ class KubernetesBackend(ClusterBackend):
         worker["containers"][0]["args"] = [
             "dask", "worker", "--name", "$(DASK_WORKER_NAME)", "--nthreads", str(request.threads),
             "--memory-limit", str(request.memory), "--dashboard", "--dashboard-address", "8788",
-            *_preload_args(), *_tls_args("worker")]
+            *_preload_args(ENGINE_PRELOAD), *_tls_args("worker")]
         worker["containers"][0]["resources"] = resources
         if request.gpus:
             worker["containers"][0]["args"] += ["--resources", f"GPU={request.gpus}"]

@@ -34,6 +34,7 @@ from distributed.security import Security
 
 from facility.cluster.base import (
     ENGINE_PRELOAD,
+    SCHEDULER_PRELOAD,
     ClusterBackend,
     ClusterError,
     ClusterInfo,
@@ -47,6 +48,7 @@ from facility.embedded.services import (
     ServiceError,
     Supervisor,
     file_lock,
+    last_start,
     live_process,
     tail,
 )
@@ -214,6 +216,13 @@ class LocalBackend(ClusterBackend):
                            f"(log: {log})")
         return reasons
 
+    def stopped_because(self) -> str | None:
+        """The reason the cluster process logged when it began to stop (it may still be
+        closing its workers), or None while it has not."""
+        log = Supervisor(self.config.state_path).log_path(self.service_name)
+        said = [line for line in last_start(log) if STOP_LINE in line]
+        return f"{said[-1].strip()} (log: {log})" if said else None
+
 
 def local_clusters(config: FacilityConfig) -> list[LocalBackend]:
     """Every local cluster that has a folder, running or not."""
@@ -248,6 +257,9 @@ def worker_environment(config: FacilityConfig) -> dict[str, int | str | None]:
             **{k: v for k, v in reader_environment(config).items() if k not in os.environ}}
 
 
+STOP_LINE = "stopping:"  # the cluster's last word in its log, read back by stopped_because
+
+
 def worker_spec(request: WorkerRequest, security: Security) -> dict:
     options: dict[str, Any] = {"nthreads": request.threads, "memory_limit": request.memory,
                                "host": "127.0.0.1", "security": security,
@@ -265,7 +277,7 @@ def scheduler_spec(config: FacilityConfig, security: Security, idle_timeout: flo
     return {"cls": Scheduler, "options": {
         "host": "127.0.0.1", "port": port, "protocol": "tls",
         "dashboard_address": f"127.0.0.1:{dashboard}", "security": security,
-        "idle_timeout": idle_timeout or None, "preload": ENGINE_PRELOAD,
+        "idle_timeout": idle_timeout or None, "preload": SCHEDULER_PRELOAD,
     }}
 
 
@@ -332,7 +344,7 @@ async def serve(folder: Path) -> None:
             loop.add_signal_handler(sig, stop.set)
         _write_record(folder, cluster, spec, request)
         reason = await _until_done(cluster, spec.get("owner"), stop)
-        print(f"cluster {spec['name']} stopping: {reason}", flush=True)
+        print(f"cluster {spec['name']} {STOP_LINE} {reason}", flush=True)
         (folder / "record.json").unlink(missing_ok=True)
 
 

@@ -24,6 +24,8 @@ import psutil
 
 from facility.errors import InfrastructureError
 
+START_MARK = "--- starting"  # opens each start's part of a service log, see last_start
+
 
 class ServiceError(InfrastructureError, RuntimeError):
     """A service did not start or stop; the message points at its log."""
@@ -122,7 +124,7 @@ class Supervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path(service.name)
         with open(log, "ab") as out:
-            out.write(f"\n--- starting {service.name}: {' '.join(service.argv)}\n".encode())
+            out.write(f"\n{START_MARK} {service.name}: {' '.join(service.argv)}\n".encode())
             out.flush()
             proc = subprocess.Popen(
                 service.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -251,6 +253,16 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
+
+
+def last_start(path: Path) -> list[str]:
+    """The lines a service logged since it was last started: what this run of it said."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    _, mark, since = text.rpartition(f"\n{START_MARK} ")
+    return since.splitlines()[1:] if mark else since.splitlines()
 
 
 def tail(path: Path, lines: int = 15) -> str:
