@@ -171,6 +171,45 @@ def test_a_files_base_form_is_built_once_and_each_chunk_gets_its_own_copy(
     assert len(reader._base_forms) == 2  # another file (another ROOT UUID) has its own
 
 
+def test_a_files_schema_is_built_once_and_gives_the_events_a_fresh_build_gives(
+        facility_config: FacilityConfig) -> None:
+    import awkward as ak
+    from coffea.nanoevents import NanoEventsFactory
+
+    from facility.processing import reader
+    from facility.processing.schemas import FacilityNanoAODSchema
+
+    path = sorted((facility_config.data_path / "east" / "DY").glob("*.root"))[0]
+    handle = uproot.open(path)
+    reader._schemas.clear()
+
+    def kept(start: int, stop: int) -> Any:
+        return reader.build_events(handle, "Events", start, stop, FacilityNanoAODSchema,
+                                   metadata={"dataset": "DY", "entrystart": start})
+
+    first, second = kept(0, 1000), kept(1000, 3000)
+    assert len(reader._schemas) == 1
+    fresh = NanoEventsFactory.from_root(handle, treepath="Events", entry_start=1000,
+                                        entry_stop=3000, mode="virtual",
+                                        schemaclass=FacilityNanoAODSchema,
+                                        metadata={"dataset": "DY", "entrystart": 1000}).events()
+    assert second.metadata == fresh.metadata  # the chunk's own, and what the schema adds
+    assert first.metadata["entrystart"] == 0
+    assert ak.fields(second) == ak.fields(fresh)
+    assert ak.fields(second.Muon) == ak.fields(fresh.Muon)
+    assert ak.to_list(second.Muon.pt) == ak.to_list(fresh.Muon.pt)
+    assert ak.to_list(second.GenPart.distinctParent.pdgId) == ak.to_list(
+        fresh.GenPart.distinctParent.pdgId)
+    first.attrs["@form"]["parameters"]["metadata"]["entrystart"] = -1  # one chunk's copy only
+    assert kept(3000, 4000).metadata["entrystart"] == 3000
+
+    class OwnSchema(FacilityNanoAODSchema):
+        """A processor's own class may build from the metadata: built afresh each chunk."""
+
+    reader.build_events(handle, "Events", 0, 1000, OwnSchema, metadata={"dataset": "DY"})
+    assert len(reader._schemas) == 1
+
+
 def test_the_benchmarks_hand_written_dimuon_is_the_processors_histogram(
         facility_config: FacilityConfig) -> None:
     from coffea.nanoevents import NanoEventsFactory

@@ -277,6 +277,8 @@ def test_a_worker_refuses_to_hold_a_chunk_twice() -> None:
     (3_000, 2000, None, None, 2),      # ... and no more than each slot's share
     (100, 2, None, None, 1),           # ... and one a task where the slots are few
     (100, 10, 2.5, None, 1),           # a small cluster: one chunk a task
+    (1_000, 2, 0.025, None, 10),       # ... unless a chunk is too short to be worth a task
+    (12, 2, 0.025, 4, 3),              # ... and then still no more than each task's share
     (100_000, 2000, 1.0, None, 8),     # 2000 slots of 1 s chunks: 250 tasks a second
     (4_000, 2000, 1.0, 10, 8),         # the queue's last chunks, every slot busy: still large
     (4_000, 2000, 1.0, 2000, 2),       # chunks handed back, every slot idle: spread over them

@@ -70,7 +70,7 @@ def scale_command(config: FacilityConfig, counts: list[int], console: Console,
     config = _sized_for(config, max(counts))
     setup = Console(stderr=True)  # stdout is for the result alone (--json)
     generate_samples(config, [SCALE_DATASET], report=setup.print)
-    up(config, report=setup.print, hub=False)
+    up(config, report=setup.print, hub=False, cluster=False)
     events = config.sample(SCALE_DATASET).files * config.sample(SCALE_DATASET).events_per_file
     chunk_size = max(1, events // (2 * max(counts)))  # two chunks a worker at the most workers
     rows = [measure(config, n, chunk_size) for n in counts]

@@ -47,8 +47,11 @@ def _start(supervisor: Supervisor, services: list[Service], report: Callable[[st
                f"ports {', '.join(map(str, service.ports))})")
 
 
-def up(config: FacilityConfig, report: Callable[[str], None] = print, hub: bool = True) -> None:
-    """Data servers, the facility's Dask cluster and (unless ``hub=False``) the hub's services."""
+def up(config: FacilityConfig, report: Callable[[str], None] = print, hub: bool = True,
+       cluster: bool = True) -> None:
+    """Data servers, the facility's Dask cluster (unless ``cluster=False``: a benchmark brings
+    its own, and an idle cluster's heartbeats would take their share of the cores it measures)
+    and the hub's services (unless ``hub=False``)."""
     supervisor = Supervisor(config.state_path)
     check_prerequisites()
     _start(supervisor, identity_services(config), report)
@@ -56,16 +59,21 @@ def up(config: FacilityConfig, report: Callable[[str], None] = print, hub: bool 
     _start(supervisor, data_services(config), report)
     for region in store_regions(config):
         upload_region(config, region, report)
-    backend = backend_for(config)
-    already = backend.running()
-    info = backend.start()
-    report(f"{'already running' if already else 'started'}: Dask cluster at "
-           f"{info.scheduler_address}, dashboard {info.dashboard_link()}")
+    if cluster:
+        _start_cluster(config, report)
     if hub:
         write_hub_files(config)
         _start(supervisor, hub_services(config), report)
         report(f"JupyterHub: http://{config.hub.host}:{config.hub.port}  dev logins: "
                + "; ".join(dev_logins(config)))
+
+
+def _start_cluster(config: FacilityConfig, report: Callable[[str], None]) -> None:
+    backend = backend_for(config)
+    already = backend.running()
+    info = backend.start()
+    report(f"{'already running' if already else 'started'}: Dask cluster at "
+           f"{info.scheduler_address}, dashboard {info.dashboard_link()}")
 
 
 def down(config: FacilityConfig, report: Callable[[str], None] = print) -> None:

@@ -234,7 +234,7 @@ def measure_cache(config: FacilityConfig, region: RegionConfig, dataset: Dataset
     supervisor.stop(f"xrootd-{region.name}-cache")
     folder = cache_dir(config, region)
     shutil.rmtree(folder, ignore_errors=True)
-    up(config, report=console.print, hub=False)
+    up(config, report=console.print, hub=False, cluster=False)
     through_cache = _urls_on(dataset, region.cache.host, region.cache.xrootd_port)
     cold, warm = _first_and_second_pass(through_cache, workers, columns)
     # the cache's files are sparse: what it holds is the blocks on disk, not their size
@@ -282,7 +282,7 @@ def _measure_all(config: FacilityConfig, args: argparse.Namespace, console: Cons
     config.cluster = config.cluster.model_copy(update={"min_workers": workers, "max_workers": workers,
                                                        "threads_per_worker": 1})
     generate_samples(config, [BENCH_DATASET], report=console.print)
-    up(config, report=console.print, hub=False)
+    up(config, report=console.print, hub=False, cluster=False)
     renew_reader_token(config)
     os.environ.update(reader_environment(config))  # the reading processes started here
     catalog = load_catalog(config.catalog_path)

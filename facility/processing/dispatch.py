@@ -48,7 +48,6 @@ Item = tuple[Chunk, ...] | FileTask  # a bundle of chunks, or a file's preflight
 Outcome = Receipt | Failure
 
 LOST_POLL_SECONDS = 0.25
-POLL_SECONDS = 0.02
 SLOTS_REFRESH_SECONDS = 2.0
 PROCESSOR_WAIT_SECONDS = 10.0
 GATHER_BATCH = 500
@@ -233,10 +232,12 @@ class Dispatcher:
         """Wait a bounded time, never more, for every worker to hold the processor (a worker
         lost meanwhile fetches it later, as does one that joins later)."""
         pulls, self._pulls = self._pulls, []
-        deadline = time.monotonic() + PROCESSOR_WAIT_SECONDS
-        while (any(p.status == "pending" for p in pulls) and self.processor is not None
-               and self.processor.status != "error" and time.monotonic() < deadline):
-            time.sleep(POLL_SECONDS)
+        if pulls and self.processor is not None:
+            # a processor that fails to load fails every pull, which ends the wait at once
+            with contextlib.suppress(Exception):  # a timeout, or a scheduler gone: bundles say
+                for _ in as_completed(pulls, loop=self.client.loop,
+                                      timeout=PROCESSOR_WAIT_SECONDS):
+                    pass
         for pull in pulls:  # a processor that failed to load is reported by the bundles
             pull.release()
 
@@ -319,7 +320,17 @@ class Dispatcher:
                 batch = self._finished[:GATHER_BATCH]
                 del self._finished[:GATHER_BATCH]
                 return self._collect(batch)
-            time.sleep(POLL_SECONDS)
+            self._sleep_until_one_finishes(deadline - time.monotonic())
+
+    def _sleep_until_one_finishes(self, seconds: float) -> None:
+        """Sleep until a task finishes or ``seconds`` pass. ``as_completed`` wakes its
+        condition after queueing each finished future, so checking the queue under the
+        condition's lock cannot miss one: no polling delay between a task's end and its
+        receipt (the first chunks of a run start sooner; the tail is settled at once)."""
+        condition = self.pending.thread_condition
+        with condition:
+            if self.pending.queue.empty():
+                condition.wait(timeout=max(seconds, 0.0))
 
     def _collect(self, batch: list[Future]) -> list[tuple[Item, Outcome]]:
         finished = [f for f in batch if f.status == "finished"]

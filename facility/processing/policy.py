@@ -65,24 +65,34 @@ def decide(failure: Failure, *, attempts: int, retries: int, skip_bad_input: boo
     return Decision("fail", InfrastructureError)
 
 
+# A task costs about 10 ms of CPU beyond its chunks, spread over the client (its receipt and the
+# round trip that fetches it), the scheduler and the worker's event loop, all sharing the
+# workers' cores on a small cluster (measured on 2 cores, 50k-event chunks, one a task). A task
+# carries at least this much work where the queue allows, so that those costs stay a few per
+# cent of the run however small its chunks.
+MIN_TASK_SECONDS = 0.25
+
+
 def bundle_size(queued: int, slots: int, chunk_seconds: float | None, max_tasks_per_second: float,
                 limit: int, wanted: int | None = None) -> int:
     """How many chunks one task processes, one after another.
 
     Enough that the scheduler starts at most ``max_tasks_per_second`` tasks however many slots
     run (``slots / (chunk_seconds * b)`` tasks a second; until a chunk's time is known, as if
-    it were a second). Never more than the queue's share for each of the ``wanted`` tasks the
+    it were a second), and each task at least ``MIN_TASK_SECONDS`` of work. Never more than
+    the queue's share for each of the ``wanted`` tasks the
     client is about to submit (by default one per slot): while every slot is busy only a few
     are wanted at a time and bundles stay large until the queue runs dry; after bundles hand
     back what they have not started (see :mod:`.resident`) many are wanted and the chunks
-    handed back are spread over them. A task costs the workers, the scheduler and the client
-    about a millisecond each, so bundles that shrank while the queue still held thousands of
+    handed back are spread over them. Every task costs the workers, the scheduler and the
+    client, so bundles that shrank while the queue still held thousands of
     chunks would turn the run's last waves into a storm of tasks.
     """
     by_share = math.ceil(queued / max(wanted if wanted is not None else slots, 1))
     seconds = chunk_seconds if chunk_seconds is not None and chunk_seconds > 0 else 1.0
     by_rate = math.ceil(slots / (seconds * max_tasks_per_second))
-    return max(1, min(limit, by_rate, by_share))
+    by_overhead = math.ceil(MIN_TASK_SECONDS / seconds)
+    return max(1, min(limit, max(by_rate, by_overhead), by_share))
 
 
 STAGGER = (1.0, 0.6, 1.4, 0.8, 1.2)

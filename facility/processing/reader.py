@@ -56,6 +56,7 @@ from facility.processing.receipts import (
     short,
 )
 from facility.processing.schemas import (
+    SCHEMAS,
     quiet_schema_warnings,
     schema_class,
 )
@@ -96,6 +97,44 @@ class FormKeepingMapping(UprootSourceMapping):
         else:
             _base_forms.move_to_end(key)
         return pickle.loads(kept)
+
+
+SCHEMAS_KEPT = 64
+_schemas: OrderedDict[tuple[str, str, type], bytes] = OrderedDict()
+
+
+class KeptSchema:
+    """A coffea schema, built once per file and schema, handed to NanoEvents in its place.
+
+    Building a schema nests hundreds of branch forms into collections and cross-references
+    (coffea's form keys for NanoAOD's generator-particle links alone cost about 9 ms a chunk),
+    and the result depends only on the file's base form. Each chunk gets its own copy, with its
+    own metadata: the only part of a built schema that differs between chunks. Only coffea's
+    schemas are kept (see :data:`~facility.processing.schemas.SCHEMAS`): a processor's own
+    class may build what it likes from the metadata, so it is built afresh for every chunk.
+    """
+
+    def __init__(self, schema: type, file_key: tuple[str, str]) -> None:
+        self.schema, self.key = schema, (*file_key, schema)
+
+    def __call__(self, base_form: dict[str, Any]) -> Any:
+        metadata = base_form["parameters"].get("metadata")
+        kept = _schemas.get(self.key)
+        if kept is None:
+            base_form["parameters"]["metadata"] = {}  # what the schema adds is kept, no more
+            built = self.schema(base_form)
+            if built.form is not built.form:  # a form made afresh on each access: not kept
+                built.form["parameters"]["metadata"] = {**(metadata or {})}
+                return built
+            kept = _schemas[self.key] = pickle.dumps(built)
+            while len(_schemas) > SCHEMAS_KEPT:
+                _schemas.popitem(last=False)
+        else:
+            _schemas.move_to_end(self.key)
+        schema = pickle.loads(kept)
+        parameters = schema.form["parameters"]
+        parameters["metadata"] = {**(metadata or {}), **parameters["metadata"]}
+        return schema
 
 
 def _keep_base_forms() -> None:
@@ -409,10 +448,12 @@ def build_events(handle: Any, tree: str, start: int, stop: int, schema: type, *,
                  accessed: list[Any] | None = None) -> Any:
     """NanoEvents of entries [start, stop) of a tree or RNTuple, read lazily."""
     _keep_base_forms()
+    builder = (KeptSchema(schema, (str(handle.file.uuid), tree)) if schema in SCHEMAS.values()
+               else schema)
     with quiet_schema_warnings():
         return NanoEventsFactory.from_root(
             handle, treepath=tree, entry_start=start, entry_stop=stop, mode="virtual",
-            preload=preload or None, schemaclass=schema, metadata=metadata,
+            preload=preload or None, schemaclass=builder, metadata=metadata,
             access_log=accessed).events()
 
 
