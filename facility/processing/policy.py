@@ -80,13 +80,13 @@ def bundle_size(queued: int, slots: int, chunk_seconds: float | None, max_tasks_
     Enough that the scheduler starts at most ``max_tasks_per_second`` tasks however many slots
     run (``slots / (chunk_seconds * b)`` tasks a second; until a chunk's time is known, as if
     it were a second), and each task at least ``MIN_TASK_SECONDS`` of work. Never more than
-    the queue's share for each of the ``wanted`` tasks the
-    client is about to submit (by default one per slot): while every slot is busy only a few
-    are wanted at a time and bundles stay large until the queue runs dry; after bundles hand
-    back what they have not started (see :mod:`.resident`) many are wanted and the chunks
-    handed back are spread over them. Every task costs the workers, the scheduler and the
-    client, so bundles that shrank while the queue still held thousands of
-    chunks would turn the run's last waves into a storm of tasks.
+    the queue's share for each of the ``wanted`` tasks the client is about to submit (by
+    default one per slot): while every slot is busy only a few are wanted at a time and
+    bundles stay large until the queue runs dry; after bundles hand back what they have not
+    started (see :mod:`.resident`) many are wanted and the chunks handed back are spread over
+    them. Every task costs the workers, the scheduler and the client, so bundles that shrank
+    while the queue still held thousands of chunks would turn the run's last waves into a
+    storm of tasks.
     """
     by_share = math.ceil(queued / max(wanted if wanted is not None else slots, 1))
     seconds = chunk_seconds if chunk_seconds is not None and chunk_seconds > 0 else 1.0

@@ -70,8 +70,34 @@ TREES_KEPT_PER_FILE = 4
 T = TypeVar("T")
 
 
-BASE_FORMS_KEPT = 64
-_base_forms: OrderedDict[tuple[str, str, str], bytes] = OrderedDict()
+class KeptCopies:
+    """What a worker works out once per file and hands out again for every chunk: kept pickled,
+    the least recently used dropped first, and every take a fresh copy (NanoEvents and the
+    schemas fill each chunk's own metadata into what they are given)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._kept: OrderedDict[Any, bytes] = OrderedDict()
+
+    def take(self, key: Any, make: Callable[[], Any]) -> Any:
+        kept = self._kept.get(key)
+        if kept is None:
+            kept = self._kept[key] = pickle.dumps(make())
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+        else:
+            self._kept.move_to_end(key)
+        return pickle.loads(kept)
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+
+_base_forms = KeptCopies(64)
+_schemas = KeptCopies(64)
 
 
 class FormKeepingMapping(UprootSourceMapping):
@@ -79,8 +105,7 @@ class FormKeepingMapping(UprootSourceMapping):
 
     Building the form walks every branch of the tree (about a third of what a 50k-event chunk
     of a NanoAOD file costs besides its data), and it is the same for every chunk of a file: a
-    file is known by its ROOT UUID, which a rewritten file does not keep. Each chunk gets its
-    own copy, as NanoEvents fills a chunk's metadata into the form and the schema consumes it.
+    file is known by its ROOT UUID, which a rewritten file does not keep.
     """
 
     @classmethod
@@ -88,52 +113,30 @@ class FormKeepingMapping(UprootSourceMapping):
         options = iteritems_options or {}
         key = (str(tree.file.uuid), str(tree.object_path),
                json.dumps(options, sort_keys=True, default=repr))
-        kept = _base_forms.get(key)
-        if kept is None:
-            kept = pickle.dumps(super()._extract_base_form(tree, iteritems_options=options))
-            _base_forms[key] = kept
-            while len(_base_forms) > BASE_FORMS_KEPT:
-                _base_forms.popitem(last=False)
-        else:
-            _base_forms.move_to_end(key)
-        return pickle.loads(kept)
-
-
-SCHEMAS_KEPT = 64
-_schemas: OrderedDict[tuple[str, str, type], bytes] = OrderedDict()
+        return _base_forms.take(key, lambda: super(FormKeepingMapping, cls)._extract_base_form(
+            tree, iteritems_options=options))
 
 
 class KeptSchema:
     """A coffea schema, built once per file and schema, handed to NanoEvents in its place.
 
     Building a schema nests hundreds of branch forms into collections and cross-references
-    (coffea's form keys for NanoAOD's generator-particle links alone cost about 9 ms a chunk),
-    and the result depends only on the file's base form. Each chunk gets its own copy, with its
-    own metadata: the only part of a built schema that differs between chunks. Only coffea's
-    schemas are kept (see :data:`~facility.processing.schemas.SCHEMAS`): a processor's own
-    class may build what it likes from the metadata, so it is built afresh for every chunk.
+    (about a millisecond a chunk for NanoAOD), and the result depends only on the file's base
+    form. Each chunk gets its own copy with its own metadata, the only part of a built schema
+    that differs between chunks. Only coffea's schemas are kept (see
+    :data:`~facility.processing.schemas.SCHEMAS`): a processor's own class may build what it
+    likes from the metadata, so it is built afresh for every chunk.
     """
 
     def __init__(self, schema: type, file_key: tuple[str, str]) -> None:
         self.schema, self.key = schema, (*file_key, schema)
 
     def __call__(self, base_form: dict[str, Any]) -> Any:
-        metadata = base_form["parameters"].get("metadata")
-        kept = _schemas.get(self.key)
-        if kept is None:
-            base_form["parameters"]["metadata"] = {}  # what the schema adds is kept, no more
-            built = self.schema(base_form)
-            if built.form is not built.form:  # a form made afresh on each access: not kept
-                built.form["parameters"]["metadata"] = {**(metadata or {})}
-                return built
-            kept = _schemas[self.key] = pickle.dumps(built)
-            while len(_schemas) > SCHEMAS_KEPT:
-                _schemas.popitem(last=False)
-        else:
-            _schemas.move_to_end(self.key)
-        schema = pickle.loads(kept)
+        metadata = base_form["parameters"].get("metadata") or {}
+        base_form["parameters"]["metadata"] = {}  # a built schema keeps only what it adds
+        schema = _schemas.take(self.key, lambda: self.schema(base_form))
         parameters = schema.form["parameters"]
-        parameters["metadata"] = {**(metadata or {}), **parameters["metadata"]}
+        parameters["metadata"] = {**metadata, **parameters["metadata"]}
         return schema
 
 
