@@ -210,6 +210,23 @@ def test_a_files_schema_is_built_once_and_gives_the_events_a_fresh_build_gives(
     assert len(reader._schemas) == 1
 
 
+def test_an_open_files_tree_answers_its_type_names_from_memory(
+        facility_config: FacilityConfig) -> None:
+    from facility.processing import reader
+
+    path = sorted((facility_config.data_path / "east" / "DY").glob("*.root"))[0]
+    reader.forget_file(str(path))
+    tree = reader.cached_open(str(path), "Events", 30)["Events"]
+    fresh = uproot.open(path)["Events"]
+    assert tree.typenames() == fresh.typenames()
+    assert len(tree.typenames()) > 100
+    tree.typenames()["Muon_pt"] = "changed"  # each caller gets its own copy
+    assert tree.typenames()["Muon_pt"] == fresh.typenames()["Muon_pt"]
+    assert tree.typenames(filter_name="Muon_*") == fresh.typenames(filter_name="Muon_*")
+    assert "Jet_pt" not in tree.typenames(filter_name="Muon_*")
+    reader.forget_file(str(path))
+
+
 def test_the_benchmarks_hand_written_dimuon_is_the_processors_histogram(
         facility_config: FacilityConfig) -> None:
     from coffea.nanoevents import NanoEventsFactory

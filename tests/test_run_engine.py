@@ -280,14 +280,30 @@ def test_a_worker_refuses_to_hold_a_chunk_twice() -> None:
     (1_000, 2, 0.025, None, 10),       # ... unless a chunk is too short to be worth a task
     (12, 2, 0.025, 4, 3),              # ... and then still no more than each task's share
     (100_000, 2000, 1.0, None, 8),     # 2000 slots of 1 s chunks: 250 tasks a second
-    (4_000, 2000, 1.0, 10, 8),         # the queue's last chunks, every slot busy: still large
+    (20_000, 2000, 1.0, 10, 8),        # a few tasks wanted, the queue deep: full bundles
+    (4_000, 2000, 1.0, 10, 2),         # the queue's last chunks: no more than a slot's share
     (4_000, 2000, 1.0, 2000, 2),       # chunks handed back, every slot idle: spread over them
+    (4_000, 2000, 1.0, 3001, 2),       # more tasks wanted than slots: the share of each
+    (12, 2, 0.1, 1, 3),                # two slots, twelve chunks: a full bundle (0.25 s)
+    (4, 2, 0.1, 1, 2),                 # ... but at the end no more than each slot's half
     (10_000_000, 100_000, 0.01, None, 64),  # never more than the limit
 ])
 def test_bundles_keep_the_task_rate_bounded_and_the_tail_short(
         queued: int, slots: int, seconds: float | None, wanted: int | None,
         expected: int) -> None:
     assert policy.bundle_size(queued, slots, seconds, 250.0, 64, wanted) == expected
+
+
+@pytest.mark.parametrize(("queued", "slots", "full", "expected"), [
+    (1_000, 2, 3, 4),         # deep queue: one task a slot and spares
+    (16_000, 2000, 8, 3001),
+    (5, 2, 3, 2),             # the queue cannot give every slot a full bundle: no spares
+    (15_999, 2000, 8, 2000),
+    (0, 4, 1, 4),
+])
+def test_spares_only_while_every_slot_can_have_a_full_bundle(
+        queued: int, slots: int, full: int, expected: int) -> None:
+    assert policy.in_flight_target(queued, slots, full) == expected
 
 
 def test_the_first_wave_ends_in_a_stream_from_the_first_chunk_on() -> None:

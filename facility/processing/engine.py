@@ -127,7 +127,6 @@ class Request:
 # the run's state machine
 
 SINGLE_ITEM = 1
-IN_FLIGHT_PER_SLOT = 1.5  # tasks out per slot: one running, and one waiting for half of them
 CHUNK_TIME_WEIGHT = 0.1  # of each new chunk time in the running estimate
 MIN_YIELD_SECONDS = 1.0
 
@@ -214,8 +213,9 @@ class Run:
 
     def _top_up(self) -> None:
         """Keep every slot busy: submit bundles from the queue until about one and a half tasks
-        per slot are out (a bundle is many seconds of work: one each, and a few to spare). A
-        chunk tried before goes alone, to another worker if it can."""
+        per slot are out (a bundle is many seconds of work: one each, and a few to spare), and
+        near the end one per slot (:func:`.policy.in_flight_target`). A chunk tried before
+        goes alone, to another worker if it can."""
         if self.suspects or self.isolated:
             self._try_suspect()
             return
@@ -241,14 +241,9 @@ class Run:
         dispatcher.flush()
 
     def _in_flight_target(self, slots: int) -> int:
-        """Tasks to keep out: one per slot, and spares (a slot that frees up starts the next
-        without waiting for the client) while the queue holds a full bundle for each of them.
-        Near the end spares would be large bundles waiting while other slots idle."""
-        full = policy.bundle_size(len(self.queue), slots, self.stats.chunk_seconds,
-                                  self.settings.max_tasks_per_second, self.settings.bundle_limit,
-                                  wanted=1)
-        spares = min((IN_FLIGHT_PER_SLOT - 1) * slots, len(self.queue) / full)
-        return math.ceil(slots + spares) + 1
+        full = policy.full_bundle(slots, self.stats.chunk_seconds,
+                                  self.settings.max_tasks_per_second, self.settings.bundle_limit)
+        return policy.in_flight_target(len(self.queue), slots, full)
 
     def _try_suspect(self) -> None:
         """Once nothing else is in flight, try the next suspect: alone in the whole run, a

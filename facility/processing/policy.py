@@ -71,28 +71,51 @@ def decide(failure: Failure, *, attempts: int, retries: int, skip_bad_input: boo
 # carries at least this much work where the queue allows, so that those costs stay a few per
 # cent of the run however small its chunks.
 MIN_TASK_SECONDS = 0.25
+IN_FLIGHT_PER_SLOT = 1.5  # tasks out per slot: one running, and one waiting for half of them
+
+
+def full_bundle(slots: int, chunk_seconds: float | None, max_tasks_per_second: float,
+                limit: int) -> int:
+    """How many chunks one task processes, one after another, while the queue is deep.
+
+    Enough that the scheduler starts at most ``max_tasks_per_second`` tasks however many slots
+    run (``slots / (chunk_seconds * b)`` tasks a second; until a chunk's time is known, as if
+    it were a second), and each task at least ``MIN_TASK_SECONDS`` of work. Every task costs
+    the workers, the scheduler and the client.
+    """
+    seconds = chunk_seconds if chunk_seconds is not None and chunk_seconds > 0 else 1.0
+    by_rate = math.ceil(slots / (seconds * max_tasks_per_second))
+    by_overhead = math.ceil(MIN_TASK_SECONDS / seconds)
+    return max(1, min(limit, max(by_rate, by_overhead)))
 
 
 def bundle_size(queued: int, slots: int, chunk_seconds: float | None, max_tasks_per_second: float,
                 limit: int, wanted: int | None = None) -> int:
-    """How many chunks one task processes, one after another.
+    """How many chunks the next task processes: a :func:`full_bundle`, but never more than a
+    slot's share of the queue, nor than the queue's share for each of the ``wanted`` tasks the
+    client is about to submit when they are more than the slots.
 
-    Enough that the scheduler starts at most ``max_tasks_per_second`` tasks however many slots
-    run (``slots / (chunk_seconds * b)`` tasks a second; until a chunk's time is known, as if
-    it were a second), and each task at least ``MIN_TASK_SECONDS`` of work. Never more than
-    the queue's share for each of the ``wanted`` tasks the client is about to submit (by
-    default one per slot): while every slot is busy only a few are wanted at a time and
-    bundles stay large until the queue runs dry; after bundles hand back what they have not
-    started (see :mod:`.resident`) many are wanted and the chunks handed back are spread over
-    them. Every task costs the workers, the scheduler and the client, so bundles that shrank
-    while the queue still held thousands of chunks would turn the run's last waves into a
-    storm of tasks.
+    A bundle larger than a slot's share would be work for one slot while the others run dry:
+    the run would end that bundle's extra chunks later than it could. After bundles hand back
+    what they have not started (see :mod:`.resident`) the chunks handed back are spread so over
+    the idle slots.
     """
-    by_share = math.ceil(queued / max(wanted if wanted is not None else slots, 1))
-    seconds = chunk_seconds if chunk_seconds is not None and chunk_seconds > 0 else 1.0
-    by_rate = math.ceil(slots / (seconds * max_tasks_per_second))
-    by_overhead = math.ceil(MIN_TASK_SECONDS / seconds)
-    return max(1, min(limit, max(by_rate, by_overhead), by_share))
+    share = math.ceil(queued / max(wanted or 0, slots, 1))
+    return max(1, min(full_bundle(slots, chunk_seconds, max_tasks_per_second, limit), share))
+
+
+def in_flight_target(queued: int, slots: int, full: int) -> int:
+    """Tasks to keep out: one per slot, and spares (a slot that frees up starts the next
+    without waiting for the client) while the queue still holds a full bundle for every slot.
+
+    After that, no spares: the scheduler places a spare behind a busy slot, whichever slot
+    frees up first, so near the end a spare would wait there while another slot idles (on two
+    slots, one of them processed five of eight chunks and the other three). Every slot that
+    frees up then waits one round trip to the client for its next task instead.
+    """
+    if queued < slots * full:
+        return slots
+    return math.ceil(IN_FLIGHT_PER_SLOT * slots) + 1
 
 
 STAGGER = (1.0, 0.6, 1.4, 0.8, 1.2)

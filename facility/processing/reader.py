@@ -193,11 +193,25 @@ def _open_tree(url: str, tree: str, timeout: int) -> Any:
     handle = uproot.open(url, array_cache=None, object_cache=TREES_KEPT_PER_FILE,
                          **open_options(url, timeout))
     try:
-        handle[tree]
+        _remember_typenames(handle[tree])
     except KeyError:
         handle.close()
         raise KeyError(f"no tree {tree!r} in the file") from None
     return handle
+
+
+def _remember_typenames(tree: Any) -> None:
+    """NanoEvents asks the tree for every branch's C++ type name each time it builds a chunk's
+    events (about a millisecond for NanoAOD's hundreds of branches: a tenth of what a chunk
+    costs whatever its size), and an open file's answer never changes. The tree kept with the
+    open file answers that question from memory; any other is passed on."""
+    every_branch = tree.typenames()
+    ask = tree.typenames
+
+    def typenames(*args: Any, **kwargs: Any) -> dict[str, str]:
+        return dict(every_branch) if not args and not kwargs else ask(*args, **kwargs)
+
+    tree.typenames = typenames
 
 
 def cached_open(url: str, tree: str, timeout: int) -> Any:
