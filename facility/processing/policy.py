@@ -96,9 +96,9 @@ def bundle_size(queued: int, slots: int, chunk_seconds: float | None, max_tasks_
     client is about to submit when they are more than the slots.
 
     A bundle larger than a slot's share would be work for one slot while the others run dry:
-    the run would end that bundle's extra chunks later than it could. After bundles hand back
-    what they have not started (see :mod:`.resident`) the chunks handed back are spread so over
-    the idle slots.
+    the run would end that bundle's extra chunks later than it could. The chunks that bundles
+    hand back near the end (see :mod:`.resident`) are spread over the idle slots by the same
+    rule.
     """
     share = math.ceil(queued / max(wanted or 0, slots, 1))
     return max(1, min(full_bundle(slots, chunk_seconds, max_tasks_per_second, limit), share))
