@@ -125,6 +125,8 @@ class RegionConfig(_Strict):
 
 
 MEMORY_PATTERN = r"^\d+(\.\d+)?\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)$"
+# glibc refuses a larger mmap threshold (half its 64 MiB heap size on 64-bit machines)
+MAX_MMAP_THRESHOLD = 32 * 2**20
 
 
 class Limits(_Strict):
@@ -200,10 +202,16 @@ class ClusterConfig(_Strict):
         description="seconds without work before a cluster stops, counted from the last task, "
         "worker joining or client coming or going; 0 never")
     malloc_trim_threshold: int | None = Field(
-        default=None, ge=0,
-        description="MALLOC_TRIM_THRESHOLD_ of worker processes; null keeps glibc's adaptive "
-                    "thresholds (Dask's own 65536 hands every freed array back to the OS and makes "
-                    "column reading about 1.7x slower)")
+        default=128 * 2**20, ge=0,
+        description="bytes of freed memory a worker process keeps for its next chunk "
+                    "(MALLOC_TRIM_THRESHOLD_); Dask's own 65536 hands every freed array back to the "
+                    "OS, and each chunk then pays a page fault for every page it touches again. "
+                    "Both thresholds null: glibc's adaptive ones (see benchmarks)")
+    malloc_mmap_threshold: int | None = Field(
+        default=16 * 2**20, ge=0, le=MAX_MMAP_THRESHOLD,
+        description="bytes above which an array gets pages of its own, handed back when it is "
+                    "freed (MALLOC_MMAP_THRESHOLD_); smaller ones reuse the memory kept. glibc "
+                    "ignores a value above 32 MiB")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
 

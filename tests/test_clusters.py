@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import psutil
 import pytest
 from distributed import Client
@@ -24,6 +25,7 @@ from facility.cluster.limits import Identity, LimitError, WorkerRequest, clamp, 
 from facility.cluster.local import local_gpus
 from facility.cluster.versions import VersionMismatch, check_versions
 from facility.config import FacilityConfig, Limits
+from tests import allocator_probe
 
 pytestmark = pytest.mark.integration
 PEER = "facility-peer"
@@ -66,6 +68,19 @@ def test_connect_runs_work_and_adapts_up_and_down(cluster: Client) -> None:
     _wait(lambda: _workers(cluster) == 1, 60, "adaptive scale-down to 1 worker")
     assert handle.scale(2) == {"workers": 2}
     _wait(lambda: _workers(cluster) == 2, 60, "fixed scale to 2 workers")
+
+
+def test_workers_keep_freed_memory_for_the_next_chunk(cluster: Client,
+                                                      facility_config: FacilityConfig) -> None:
+    cloudpickle.register_pickle_by_value(allocator_probe)
+    try:
+        faults, trim, mmap = cluster.submit(allocator_probe.allocator_report, pure=False).result()
+    finally:
+        cloudpickle.unregister_pickle_by_value(allocator_probe)
+    assert (trim, mmap) == (str(facility_config.cluster.malloc_trim_threshold),
+                            str(facility_config.cluster.malloc_mmap_threshold))
+    assert faults < 2 * allocator_probe.PAGES_PER_ROUND, \
+        f"{faults} page faults: freed memory went back to the OS after every round"
 
 
 def test_dashboard_link_from_terminal_and_behind_the_hub(cluster: Client) -> None:

@@ -48,6 +48,12 @@ def test_bad_environment_value_names_the_variable() -> None:
         load_config(None, environ={"FACILITY_PROCESSING__ON_BAD_INPUT": "ignore"})
 
 
+def test_an_mmap_threshold_glibc_would_ignore_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"cluster\.malloc_mmap_threshold.*33554432.*"
+                                          r"FACILITY_CLUSTER__MALLOC_MMAP_THRESHOLD"):
+        load_config(None, environ={"FACILITY_CLUSTER__MALLOC_MMAP_THRESHOLD": str(64 * 2**20)})
+
+
 def test_unknown_key_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "f.yaml"
     path.write_text("cluster: {max_wrokers: 3}\n")

@@ -8,6 +8,10 @@ object schemas (kubernetes-validate).
 from __future__ import annotations
 
 import base64
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ import yaml
 from facility.cluster.kubernetes import KubernetesBackend, explain_pods
 from facility.cluster.limits import Identity, WorkerRequest
 from facility.config import FacilityConfig, load_config
+from tests import allocator_probe
 
 CRDS = Path(dask_kubernetes.__file__).parent / "operator" / "deployment" / "helm" / \
     "dask-kubernetes-operator" / "crds"
@@ -121,7 +126,8 @@ def test_workers_run_the_notebook_image_with_its_environment_and_tls(config: Fac
     assert container["image"] == NOTEBOOK_ENV["JUPYTER_IMAGE_SPEC"]
     plain = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     assert set(plain) == {"FACILITY_CATALOG", "X509_USER_PROXY", "BEARER_TOKEN_FILE", "JUPYTERHUB_USER",
-                          "FACILITY_ACCESS_TOKEN_EXPIRES", "AWS_ACCESS_KEY_ID"}
+                          "FACILITY_ACCESS_TOKEN_EXPIRES", "AWS_ACCESS_KEY_ID",
+                          "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"}
     from_secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
     assert from_secret == {
         "FACILITY_ACCESS_TOKEN": {"name": "alice-zpeak-credentials", "key": "FACILITY_ACCESS_TOKEN"},
@@ -150,6 +156,52 @@ def test_gpu_workers_ask_for_gpus_on_gpu_nodes(config: FacilityConfig) -> None:
     assert worker["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert worker["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert worker["containers"][0]["args"][-2:] == ["--resources", "GPU=1"]
+
+
+# A worker pod's nanny, as `dask worker` starts it, with the environment the pod is given.
+NANNY_IN_A_POD = """
+import asyncio, json
+import cloudpickle
+from distributed import Client, Nanny, Scheduler
+from tests import allocator_probe
+
+async def main():
+    async with Scheduler(host="127.0.0.1", port=0, dashboard_address=":0") as scheduler:
+        async with Nanny(scheduler.address, nthreads=1, dashboard_address=":0"):
+            async with Client(scheduler.address, asynchronous=True) as client:
+                cloudpickle.register_pickle_by_value(allocator_probe)
+                report = client.submit(allocator_probe.allocator_report, pure=False)
+                print(json.dumps(await report))
+
+asyncio.run(main())
+"""
+
+
+def worker_process_allocator(pod_env: dict[str, str]) -> tuple[int, str | None, str | None]:
+    """What a worker process started by a real nanny with ``pod_env`` reports (see
+    :func:`tests.allocator_probe.allocator_report`)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run([sys.executable, "-c", NANNY_IN_A_POD], env={**environ, **pod_env},
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    faults, trim, mmap = json.loads(done.stdout.strip().splitlines()[-1])
+    return faults, trim, mmap
+
+
+@pytest.mark.parametrize("thresholds", ["", "  malloc_trim_threshold: null\n  malloc_mmap_threshold: null\n"],
+                         ids=["the facility's", "glibc's adaptive"])
+def test_worker_pods_nanny_gives_its_workers_the_allocators_thresholds(
+        tmp_path: Path, thresholds: str) -> None:
+    config = kubernetes_config(tmp_path, thresholds)  # more of the cluster section
+    container = render(config)["DaskCluster"]["spec"]["worker"]["spec"]["containers"][0]
+    pod_env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    faults, trim, mmap = worker_process_allocator(pod_env)
+    if thresholds:  # glibc's adaptive thresholds: Dask's 65536 is removed, not kept
+        assert (trim, mmap) == (None, None)
+        return
+    assert (trim, mmap) == (str(128 * 2**20), str(16 * 2**20))
+    assert faults < 2 * allocator_probe.PAGES_PER_ROUND, \
+        f"{faults} page faults: freed memory went back to the OS after every round"
 
 
 def test_a_notebook_without_an_image_is_told_what_to_set(config: FacilityConfig) -> None:

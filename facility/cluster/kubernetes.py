@@ -12,6 +12,7 @@ What it asks the operator for (see :func:`manifests`):
   (``JUPYTER_IMAGE_SPEC``) with the notebook's forwarded environment, sized by the granted
   request, labelled with the user for the chart's NetworkPolicy, owned by the notebook pod so that
   stopping the server removes the cluster, and with the operator's idle timeout;
+* workers whose nanny sets the allocator's thresholds (see :mod:`facility.cluster.allocator`);
 * for GPU workers, ``nvidia.com/gpu`` limits with the profile's node selector and tolerations;
 * a ``DaskAutoscaler`` between the granted minimum and maximum.
 
@@ -32,6 +33,7 @@ from typing import Any
 import dask.config
 from dask_kubernetes.operator.kubecluster.kubecluster import make_cluster_spec
 
+from facility.cluster.allocator import allocator_environment
 from facility.cluster.base import (
     ENGINE_PRELOAD,
     SCHEDULER_PRELOAD,
@@ -115,6 +117,14 @@ def _scheduler_http_api() -> dict[str, str]:
     return {"name": "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES", "value": repr(list(dict.fromkeys(routes)))}
 
 
+def _worker_allocator(config: FacilityConfig) -> dict[str, str]:
+    """The allocator's thresholds, as the worker's nanny reads them: merged into its
+    ``pre-spawn-environ``, where a null removes Dask's own value (a plain variable could set one,
+    not remove it). See :mod:`facility.cluster.allocator`."""
+    return {"name": "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON",
+            "value": repr(allocator_environment(config.cluster))}
+
+
 def _place(pod: dict, priority_class: str | None, node_selector: dict[str, str],
            tolerations: list[dict[str, str]]) -> None:
     """Which nodes a pod may use and whom it yields to (regular nodes for schedulers, spot
@@ -188,6 +198,7 @@ class KubernetesBackend(ClusterBackend):
             "--memory-limit", str(request.memory), "--dashboard", "--dashboard-address", "8788",
             *_preload_args(ENGINE_PRELOAD), *_tls_args("worker")]
         worker["containers"][0]["resources"] = resources
+        worker["containers"][0].setdefault("env", []).append(_worker_allocator(self.config))
         if request.gpus:
             worker["containers"][0]["args"] += ["--resources", f"GPU={request.gpus}"]
         _place(scheduler, k8s.scheduler_priority_class, k8s.scheduler_node_selector, [])

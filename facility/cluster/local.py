@@ -32,6 +32,7 @@ from dask.utils import format_bytes
 from distributed import Nanny, Scheduler, SpecCluster
 from distributed.security import Security
 
+from facility.cluster.allocator import allocator_environment
 from facility.cluster.base import (
     ENGINE_PRELOAD,
     SCHEDULER_PRELOAD,
@@ -248,11 +249,12 @@ def local_clusters(config: FacilityConfig) -> list[LocalBackend]:
 def worker_environment(config: FacilityConfig) -> dict[str, int | str | None]:
     """What the nannies set before starting a worker process (None leaves a variable unset):
     the object store's endpoint for s3:// replicas (credentials come from the user's own
-    environment, which the workers inherit), the data servers' CA and the token file."""
+    environment, which the workers inherit), the data servers' CA and the token file, and the
+    allocator's thresholds (see :mod:`facility.cluster.allocator`)."""
     from facility.data.access import reader_environment
     from facility.data.object_store import worker_credentials
 
-    return {"MALLOC_TRIM_THRESHOLD_": config.cluster.malloc_trim_threshold,
+    return {**allocator_environment(config.cluster),
             "AWS_ENDPOINT_URL_S3": config.s3_endpoint(), **worker_credentials(config),
             **{k: v for k, v in reader_environment(config).items() if k not in os.environ}}
 

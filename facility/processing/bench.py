@@ -12,7 +12,9 @@ Ways to get the dimuon histogram from the same generated files with N processes:
   configured chunk size and with 50k-event chunks (what a chunk's fixed cost adds).
 
 Each is measured from a local file path and over ``root://`` from the embedded XRootD server.
-Absolute rates on a shared machine are noise; the ratios are the result.
+Every way's processes use the facility workers' allocator thresholds, so that the ratios compare
+software, not allocators. Absolute rates on a shared machine are noise; the ratios are the
+result.
 
 Where a region has an XCache, the raw read of the same branches goes through it twice: cold
 (the cache emptied, every block fetched from the region's server) and warm (every block from
@@ -36,6 +38,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from facility.cluster.allocator import allocator_environment, tune_this_process
 from facility.cluster.base import backend_for
 from facility.config import FacilityConfig, RegionConfig, SampleConfig
 from facility.data.access import reader_environment, renew_reader_token
@@ -285,6 +288,7 @@ def _measure_all(config: FacilityConfig, args: argparse.Namespace, console: Cons
     up(config, report=console.print, hub=False, cluster=False)
     renew_reader_token(config)
     os.environ.update(reader_environment(config))  # the reading processes started here
+    tune_this_process(config.cluster)  # every way reads with the workers' allocator
     catalog = load_catalog(config.catalog_path)
     remote = catalog.get(BENCH_DATASET)
     local = _file_dataset(config, remote)
@@ -308,7 +312,8 @@ def _measure_all(config: FacilityConfig, args: argparse.Namespace, console: Cons
     caches = [measure_cache(config, region, remote, columns, workers, console)
               for region in cached_regions(config)]
     context = {"events": args.files * per_file, "workers": workers, "repeat": max(1, args.repeat),
-               "chunk_size": config.processing.chunk_size, "branches": columns}
+               "chunk_size": config.processing.chunk_size, "branches": columns,
+               "allocator": allocator_environment(config.cluster)}
     return rows, caches, context
 
 
@@ -319,7 +324,8 @@ def _print_table(console: Console, rows: list[Row], context: dict[str, Any]) -> 
                   title=f"dimuon over {context['events']:,} events, {context['workers']} worker "
                         f"processes, events per second, best of {context['repeat']}; facility "
                         f"chunks {context['chunk_size']:,} and {SMALL_CHUNK:,}, coffea tuned "
-                        f"{TUNED_CHUNK:,}; branches read: {', '.join(context['branches'])}")
+                        f"{TUNED_CHUNK:,}; branches read: {', '.join(context['branches'])}; "
+                        f"allocator: {_allocator_words(context['allocator'])}")
     for row in rows:
         ratios = row.ratios()
         table.add_row(row.source, *(f"{getattr(row, name):,.0f}" for name in (
@@ -330,6 +336,11 @@ def _print_table(console: Console, rows: list[Row], context: dict[str, Any]) -> 
             f"{ratios['small/large chunks']:.0%}",
             f"{row.fixed_chunk_ms(context['workers'], context['chunk_size']):.0f}")
     Console(width=max(console.width, 160)).print(table)
+
+
+def _allocator_words(allocator: dict[str, str | None]) -> str:
+    return ", ".join(f"{name}={value if value is not None else 'glibc adaptive'}"
+                     for name, value in allocator.items())
 
 
 def _print_caches(console: Console, caches: list[CacheRow], context: dict[str, Any]) -> None:
