@@ -56,7 +56,14 @@ def _notebook() -> Any:
             "client = facility.connect('widgets', workers=1)\n"
             "client"),
         nbformat.v4.new_code_cell(
-            "result = facility.run('dimuon', dataset, progress='mass', chunk_size=1000, "
+            "import time\n"
+            "from facility.processing.processors.dimuon import DimuonProcessor\n\n\n"
+            "class PacedDimuon(DimuonProcessor):\n"
+            "    # at least 0.1 s a chunk: the run lasts seconds, long enough to watch it\n"
+            "    def process(self, events):\n"
+            "        time.sleep(0.1)\n"
+            "        return super().process(events)\n\n\n"
+            "result = facility.run(PacedDimuon(), dataset, progress='mass', chunk_size=1000, "
             "output=False)\n"
             "print('run done:', result.summary['events'], 'events')"),
         nbformat.v4.new_code_cell("client.cluster.close()\nprint('closed')"),
