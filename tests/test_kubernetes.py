@@ -199,7 +199,8 @@ def test_worker_pods_nanny_gives_its_workers_the_allocators_thresholds(
     if thresholds:  # glibc's adaptive thresholds: Dask's 65536 is removed, not kept
         assert (trim, mmap) == (None, None)
         return
-    assert (trim, mmap) == (str(128 * 2**20), str(16 * 2**20))
+    assert (trim, mmap) == (str(config.cluster.malloc_trim_threshold),
+                            str(config.cluster.malloc_mmap_threshold))
     assert faults < 2 * allocator_probe.PAGES_PER_ROUND, \
         f"{faults} page faults: freed memory went back to the OS after every round"
 
