@@ -171,6 +171,30 @@ def test_a_files_base_form_is_built_once_and_each_chunk_gets_its_own_copy(
     assert len(reader._base_forms) == 2  # another file (another ROOT UUID) has its own
 
 
+def test_different_files_written_with_one_uuid_each_get_their_own_form(tmp_path: Path) -> None:
+    import uuid
+
+    import awkward as ak
+
+    from facility.processing import reader
+    from facility.processing.schemas import FacilityNanoAODSchema
+
+    shared = uuid.uuid4()
+    muons = ak.zip({"pt": ak.Array([[30.0], [40.0, 50.0]])})
+    ids = {name: np.array([1, 2]) for name in ("run", "luminosityBlock", "event")}
+    contents = {"muons.root": {**ids, "Muon": muons},
+                "muons_and_electrons.root": {**ids, "Muon": muons, "Electron": muons}}
+    for name, branches in contents.items():
+        with uproot.recreate(tmp_path / name, uuid_function=lambda: shared) as out:
+            out["Events"] = branches
+    handles = [uproot.open(tmp_path / name) for name in contents]
+    assert handles[0].file.uuid == handles[1].file.uuid
+    fields = [ak.fields(reader.build_events(h, "Events", 0, 2, FacilityNanoAODSchema))
+              for h in handles]
+    assert "Electron" not in fields[0]
+    assert "Electron" in fields[1]
+
+
 def test_a_files_schema_is_built_once_and_gives_the_events_a_fresh_build_gives(
         facility_config: FacilityConfig) -> None:
     import awkward as ak

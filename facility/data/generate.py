@@ -14,6 +14,7 @@ seconds. Files are written in clusters of ``cluster_events`` events with the cho
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -468,7 +469,9 @@ def write_file(spec: FileSpec) -> int:
     spec.path.parent.mkdir(parents=True, exist_ok=True)
     partial = spec.path.with_name(f".{spec.path.name}.partial-{os.getpid()}")
     try:
-        with uproot.recreate(partial, compression=COMPRESSORS[spec.compression]()) as out:
+        # a random ROOT UUID of its own: time-based ones repeat in processes forked together
+        with uproot.recreate(partial, compression=COMPRESSORS[spec.compression](),
+                             uuid_function=uuid.uuid4) as out:
             tree = None
             for block, (start, stop) in enumerate(_blocks(spec)):
                 rng = np.random.default_rng([spec.seed, spec.file_index, block])

@@ -100,18 +100,25 @@ _base_forms = KeptCopies(64)
 _schemas = KeptCopies(64)
 
 
+def file_identity(file: Any) -> tuple[str, int]:
+    """What tells an open ROOT file from any other: its UUID, which a rewritten file does not
+    keep and a copy does, and where its content ends, so that two different files written with
+    the same UUID (tools that fork write time-based ones) are not taken for one."""
+    return str(file.uuid), int(file.fEND)
+
+
 class FormKeepingMapping(UprootSourceMapping):
     """coffea's mapping of a ROOT tree, which keeps each file's base form once worked out.
 
     Building the form walks every branch of the tree (about a third of what a 50k-event chunk
-    of a NanoAOD file costs besides its data), and it is the same for every chunk of a file: a
-    file is known by its ROOT UUID, which a rewritten file does not keep.
+    of a NanoAOD file costs besides its data), and it is the same for every chunk of a file (a
+    file is known by :func:`file_identity`).
     """
 
     @classmethod
     def _extract_base_form(cls, tree: Any, iteritems_options: Any = None) -> Any:
         options = iteritems_options or {}
-        key = (str(tree.file.uuid), str(tree.object_path),
+        key = (*file_identity(tree.file), str(tree.object_path),
                json.dumps(options, sort_keys=True, default=repr))
         return _base_forms.take(key, lambda: super(FormKeepingMapping, cls)._extract_base_form(
             tree, iteritems_options=options))
@@ -128,7 +135,7 @@ class KeptSchema:
     likes from the metadata, so it is built afresh for every chunk.
     """
 
-    def __init__(self, schema: type, file_key: tuple[str, str]) -> None:
+    def __init__(self, schema: type, file_key: tuple[Any, ...]) -> None:
         self.schema, self.key = schema, (*file_key, schema)
 
     def __call__(self, base_form: dict[str, Any]) -> Any:
@@ -465,7 +472,7 @@ def build_events(handle: Any, tree: str, start: int, stop: int, schema: type, *,
                  accessed: list[Any] | None = None) -> Any:
     """NanoEvents of entries [start, stop) of a tree or RNTuple, read lazily."""
     _keep_base_forms()
-    builder = (KeptSchema(schema, (str(handle.file.uuid), tree)) if schema in SCHEMAS.values()
+    builder = (KeptSchema(schema, (*file_identity(handle.file), tree)) if schema in SCHEMAS.values()
                else schema)
     with quiet_schema_warnings():
         return NanoEventsFactory.from_root(
