@@ -26,3 +26,9 @@ def allocator_report() -> tuple[int, str | None, str | None]:
     """The faults, and the thresholds the process was started with."""
     return (page_faults_of_reallocating(), os.environ.get("MALLOC_TRIM_THRESHOLD_"),
             os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+
+
+def kept_freed_memory(faults: int) -> bool:
+    """Whether the faults are those of memory kept from round to round: fewer than two rounds'
+    worth of pages, where handing it back costs every round's."""
+    return faults < 2 * PAGES_PER_ROUND
