@@ -269,6 +269,34 @@ def test_the_benchmarks_hand_written_dimuon_is_the_processors_histogram(
     assert np.allclose(contents, expected, rtol=1e-9)
 
 
+def test_the_benchmarks_facility_without_dask_merges_every_planned_chunk_once(
+        facility_config: FacilityConfig) -> None:
+    """The "no Dask" way does the workers' whole job on every chunk: the histogram of the file
+    in chunks, merged, is the processor's over the whole file."""
+    from coffea.nanoevents import NanoEventsFactory
+
+    from facility.processing import bench, reader
+    from facility.processing.plan import FileTask
+    from facility.processing.schemas import FacilityNanoAODSchema
+
+    source = sorted((facility_config.data_path / "east" / "DY").glob("*.root"))[0]
+    task = FileTask("DY", source.name, "Events", (source.as_uri(),), 20000)
+    try:
+        bench.warm_reader([task], chunk_size=4000)
+        entries, merged = bench.merged_chunks(task.label)
+    finally:  # this process is no worker: what the reader learnt goes
+        reader.forget_file(source.as_uri())
+        reader._columns_touched.clear()
+    events = NanoEventsFactory.from_root(f"{source}:Events", mode="eager",
+                                         schemaclass=FacilityNanoAODSchema,
+                                         metadata={"dataset": "DY"}).events()
+    expected = DimuonProcessor().process(events)
+    assert len(bench._planned_chunks[task.label]) > 1
+    assert entries == 20000
+    assert merged["cutflow"] == expected["cutflow"]
+    assert np.allclose(merged["mass"].values(), expected["mass"].values(), rtol=1e-9)
+
+
 def test_the_benchmark_finds_a_chunks_fixed_cost_from_two_chunk_sizes() -> None:
     """Runs whose time is ``events * a + chunks * f`` over two workers give back ``f``."""
     from facility.processing.bench import SMALL_CHUNK, Row

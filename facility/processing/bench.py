@@ -9,7 +9,11 @@ Ways to get the dimuon histogram from the same generated files with N processes:
 * coffea: plain ``processor.Runner`` with its defaults (futures executor with N workers), and
   tuned to 500k-event chunks;
 * facility: ``facility.run`` on a local facility cluster of N single-threaded workers, with the
-  configured chunk size and with 50k-event chunks (what a chunk's fixed cost adds).
+  configured chunk size and with 50k-event chunks (what a chunk's fixed cost adds);
+* facility without Dask: the workers' own code for a chunk (build its NanoEvents, run the
+  processor, merge the output into the process's accumulator) over the same chunks, in the
+  same processes as hand-written, with no scheduler, client or task in between. What the
+  facility loses to it is the run engine's; what it loses to hand-written is coffea's.
 
 Each is measured from a local file path and over ``root://`` from the embedded XRootD server.
 Every way's processes use the facility workers' allocator thresholds, so that the ratios compare
@@ -47,7 +51,12 @@ from facility.data.samples import generate_samples
 from facility.data.servers import cache_dir, cached_regions
 from facility.embedded.facility import up
 from facility.embedded.services import Supervisor
+from facility.processing import resident
+from facility.processing.dispatch import dask_setup
+from facility.processing.plan import Chunk, FileTask, file_tasks, plan_chunks
 from facility.processing.processors.dimuon import DimuonProcessor
+from facility.processing.reader import inspect_file, process_chunk
+from facility.processing.receipts import Failure
 from facility.processing.runner import run
 
 BENCH_DATASET = "BenchDrellYan"
@@ -56,7 +65,11 @@ SMALL_CHUNK = 50_000
 MUON_COLUMNS = ("Muon_pt", "Muon_eta", "Muon_phi", "Muon_mass", "Muon_charge")
 
 
+# what a pool process holds: open trees for the raw read and the hand-written analysis; the
+# planned chunks of every file for the facility's chunks without Dask, merged as for one run
 _ceiling_trees: dict[str, Any] = {}
+_planned_chunks: dict[str, list[Chunk]] = {}
+ALONE_RUN = "bench-without-dask"
 
 
 def _open_trees(urls: list[str]) -> None:
@@ -104,13 +117,57 @@ def _handwritten(url: str) -> int:
     return handwritten_dimuon(_ceiling_trees[url])[0]
 
 
-def _pool_rate(urls: list[str], workers: int, work: Any, *args: list[Any]) -> float:
-    """Events per second of ``work(url, ...)`` over every file, from already open files."""
-    with ProcessPoolExecutor(max_workers=workers, initializer=_open_trees,
-                             initargs=(urls,)) as pool:
-        list(pool.map(work, urls, *args))  # warm: open, page cache
+def _chunk_outcome(processor: Any, chunk: Chunk) -> Any:
+    outcome = process_chunk(processor, chunk)
+    if isinstance(outcome, Failure):
+        raise RuntimeError(outcome.message)
+    return outcome
+
+
+def warm_reader(tasks: list[FileTask], chunk_size: int) -> None:
+    """Hold every file open, know its chunks, and have processed one chunk of each (the
+    branches the analysis reads known, the files' forms kept), as a facility worker has after
+    a first run."""
+    for task in tasks:
+        inspected = inspect_file(task, timeout=30)
+        if isinstance(inspected, Failure):
+            raise RuntimeError(inspected.message)
+        _planned_chunks[task.label] = plan_chunks(inspected.info, chunk_size)
+        _chunk_outcome(DimuonProcessor(), _planned_chunks[task.label][0])
+
+
+def _reader_process(tasks: list[FileTask], chunk_size: int) -> None:
+    """Pool initializer: a warm reader (:func:`warm_reader`) whose objects are out of the cycle
+    collector's sight, as on a worker."""
+    warm_reader(tasks, chunk_size)
+    dask_setup(None)
+
+
+def merged_chunks(label: str) -> tuple[int, Any]:
+    """Entries read and the accumulator of a file's planned chunks, each processed and merged
+    into this process's accumulator by the workers' own code."""
+    processor = DimuonProcessor()
+    chunks = _planned_chunks[label]
+    for chunk in chunks:
+        output = _chunk_outcome(processor, chunk).output
+        if not resident.absorb(ALONE_RUN, [chunk.chunk_id], output):
+            raise RuntimeError(f"{chunk.chunk_id} was merged twice")
+    return sum(c.events for c in chunks), resident.collect(ALONE_RUN).output
+
+
+def _without_dask(label: str) -> int:
+    return merged_chunks(label)[0]
+
+
+def _pool_rate(items: list[str], workers: int, work: Any, *args: list[Any],
+               initializer: Any = _open_trees, initargs: tuple[Any, ...] | None = None) -> float:
+    """Events per second of ``work(item, ...)`` over every file (named by its URL unless the
+    initializer says otherwise), from already open files."""
+    with ProcessPoolExecutor(max_workers=workers, initializer=initializer,
+                             initargs=initargs or (items,)) as pool:
+        list(pool.map(work, items, *args))  # warm: open, page cache
         started = time.perf_counter()
-        events = sum(pool.map(work, urls, *args))
+        events = sum(pool.map(work, items, *args))
         return events / (time.perf_counter() - started)
 
 
@@ -136,6 +193,12 @@ def ceiling(urls: list[str], columns: list[str], workers: int) -> float:
 def handwritten(urls: list[str], workers: int) -> float:
     """Events per second of the hand-written uproot + numpy dimuon analysis."""
     return _pool_rate(urls, workers, _handwritten)
+
+
+def without_dask(tasks: list[FileTask], workers: int, chunk_size: int) -> float:
+    """Events per second of the facility's chunks processed in the pool's processes, no Dask."""
+    return _pool_rate([t.label for t in tasks], workers, _without_dask,
+                      initializer=_reader_process, initargs=(tasks, chunk_size))
 
 
 def plain_coffea(urls: list[str], workers: int, chunk_size: int | None = None) -> float:
@@ -172,13 +235,16 @@ class Row:
     coffea_tuned: float = 0.0
     facility: float = 0.0
     facility_small_chunks: float = 0.0
+    without_dask: float = 0.0
 
     def ratios(self) -> dict[str, float]:
         return {"facility/hand-written": self.facility / self.handwritten,
                 "facility/coffea tuned": self.facility / self.coffea_tuned,
                 "facility/coffea": self.facility / self.coffea,
                 "facility/ceiling": self.facility / self.ceiling,
-                "small/large chunks": self.facility_small_chunks / self.facility}
+                "small/large chunks": self.facility_small_chunks / self.facility,
+                "facility/without Dask": self.facility / self.without_dask,
+                "without Dask/hand-written": self.without_dask / self.handwritten}
 
     def fixed_chunk_ms(self, workers: int, chunk_size: int) -> float:
         """What a chunk costs whatever its size, in milliseconds of a worker's time, from the
@@ -193,17 +259,21 @@ class Row:
         return 1000 * workers * extra_per_event / extra_chunks_per_event
 
 
-def measure(label: str, urls: list[str], dataset: str, config: FacilityConfig, client: Any,
-            workers: int, repeat: int) -> tuple[Row, list[str]]:
+def measure(label: str, dataset: Dataset, config: FacilityConfig, client: Any, workers: int,
+            repeat: int) -> tuple[Row, list[str]]:
     """Best of ``repeat`` rounds for each way; the ways alternate so drift hits them alike."""
-    _, columns = facility_rate(config, dataset, client)  # warm workers; learn the branches
+    urls = [f.replicas[0].url for f in dataset.files]
+    tasks = file_tasks([dataset], config)
+    _, columns = facility_rate(config, dataset.name, client)  # warm workers; learn the branches
     ways = {
         "ceiling": lambda: ceiling(urls, columns, workers),
         "handwritten": lambda: handwritten(urls, workers),
         "coffea": lambda: plain_coffea(urls, workers),
         "coffea_tuned": lambda: plain_coffea(urls, workers, TUNED_CHUNK),
-        "facility": lambda: facility_rate(config, dataset, client)[0],
-        "facility_small_chunks": lambda: facility_rate(config, dataset, client, SMALL_CHUNK)[0],
+        "facility": lambda: facility_rate(config, dataset.name, client)[0],
+        "facility_small_chunks": lambda: facility_rate(config, dataset.name, client,
+                                                       SMALL_CHUNK)[0],
+        "without_dask": lambda: without_dask(tasks, workers, config.processing.chunk_size),
     }
     row = Row(label)
     for _ in range(repeat):
@@ -302,9 +372,7 @@ def _measure_all(config: FacilityConfig, args: argparse.Namespace, console: Cons
     columns: list[str] = []
     try:
         for label, dataset in (("local file", local), ("root://", remote)):
-            urls = [f.replicas[0].url for f in dataset.files]
-            row, columns = measure(label, urls, dataset.name, config, client, workers,
-                                   max(1, args.repeat))
+            row, columns = measure(label, dataset, config, client, workers, max(1, args.repeat))
             rows.append(row)
     finally:
         client.close()
@@ -319,23 +387,25 @@ def _measure_all(config: FacilityConfig, args: argparse.Namespace, console: Cons
 
 def _print_table(console: Console, rows: list[Row], context: dict[str, Any]) -> None:
     table = Table("source", "ceiling", "hand-written", "coffea", "coffea tuned", "facility",
-                  "facility 50k", "fac/hand", "fac/tuned", "fac/coffea", "fac/ceiling",
-                  "50k/default", "fixed ms/chunk",
+                  "facility 50k", "no Dask", "fac/hand", "fac/tuned", "fac/coffea",
+                  "fac/ceiling", "50k/default", "fixed ms/chunk", "fac/no Dask", "no Dask/hand",
                   title=f"dimuon over {context['events']:,} events, {context['workers']} worker "
                         f"processes, events per second, best of {context['repeat']}; facility "
                         f"chunks {context['chunk_size']:,} and {SMALL_CHUNK:,}, coffea tuned "
-                        f"{TUNED_CHUNK:,}; branches read: {', '.join(context['branches'])}; "
+                        f"{TUNED_CHUNK:,}; no Dask: the facility's chunks in the hand-written's "
+                        f"processes; branches read: {', '.join(context['branches'])}; "
                         f"allocator: {_allocator_words(context['allocator'])}")
     for row in rows:
         ratios = row.ratios()
         table.add_row(row.source, *(f"{getattr(row, name):,.0f}" for name in (
             "ceiling", "handwritten", "coffea", "coffea_tuned", "facility",
-            "facility_small_chunks")),
+            "facility_small_chunks", "without_dask")),
             f"{ratios['facility/hand-written']:.0%}", f"{ratios['facility/coffea tuned']:.2f}",
             f"{ratios['facility/coffea']:.2f}", f"{ratios['facility/ceiling']:.0%}",
             f"{ratios['small/large chunks']:.0%}",
-            f"{row.fixed_chunk_ms(context['workers'], context['chunk_size']):.0f}")
-    Console(width=max(console.width, 160)).print(table)
+            f"{row.fixed_chunk_ms(context['workers'], context['chunk_size']):.0f}",
+            f"{ratios['facility/without Dask']:.0%}", f"{ratios['without Dask/hand-written']:.0%}")
+    Console(width=max(console.width, 230)).print(table)
 
 
 def _allocator_words(allocator: dict[str, str | None]) -> str:
