@@ -31,6 +31,11 @@ class ServiceError(InfrastructureError, RuntimeError):
     """A service did not start or stop; the message points at its log."""
 
 
+class NotReady(Exception):
+    """Raised by a service's readiness check to say why the service is not ready yet (what
+    a service that never gets ready is reported with)."""
+
+
 @dataclass
 class Service:
     """How to run one background process and how to tell that it is ready."""
@@ -40,7 +45,7 @@ class Service:
     ports: list[int] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
-    ready: Callable[[], bool] | None = None
+    ready: Callable[[], bool] | None = None  # may raise NotReady to say why not
     start_timeout: float = 60.0
     description: str = ""
 
@@ -147,18 +152,17 @@ class Supervisor:
                     f"{service.name} exited with code {proc.returncode} while starting; "
                     f"last lines of {log}:\n{tail(log)}"
                 )
-            if self._is_ready(service):
+            why_not = not_ready_because(service)
+            if why_not is None:
                 return
             time.sleep(0.1)
         self.stop(service.name)
-        raise ServiceError(f"{service.name} was not ready after {service.start_timeout:.0f} s; "
-                           f"last lines of {log}:\n{tail(log)}")
+        raise ServiceError(f"{service.name} was not ready after {service.start_timeout:.0f} s "
+                           f"({why_not}); last lines of {log}:\n{tail(log)}")
 
     @staticmethod
     def _is_ready(service: Service) -> bool:
-        if not all(port_open(port) for port in service.ports):
-            return False
-        return service.ready() if service.ready else True
+        return not_ready_because(service) is None
 
     def stop(self, name: str, timeout: float = 15.0) -> bool:
         """Stop a service and its process group; returns whether it was running."""
@@ -246,6 +250,20 @@ def _signal(group: int | None, proc: psutil.Process, sig: signal.Signals) -> Non
             os.killpg(group, sig)
         else:
             proc.send_signal(sig)
+
+
+def not_ready_because(service: Service) -> str | None:
+    """Why a service is not ready (a port nothing accepts connections on, or what its own
+    check says), or None when it is."""
+    closed = [str(port) for port in service.ports if not port_open(port)]
+    if closed:
+        return f"nothing accepts connections on port {', '.join(closed)}"
+    if service.ready is None:
+        return None
+    try:
+        return None if service.ready() else "its readiness check did not pass"
+    except NotReady as reason:
+        return str(reason)
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

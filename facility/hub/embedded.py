@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from facility.config import FacilityConfig
-from facility.embedded.services import Service, port_open
+from facility.embedded.services import NotReady, Service, port_open
 from facility.errors import InfrastructureError
 from facility.hub.config import issuer_url, post_logout_url, public_url
 
@@ -69,11 +69,12 @@ def _node() -> str:
 
 
 def _discovery_ready(issuer: str) -> bool:
+    url = issuer + "/.well-known/openid-configuration"
     try:
-        with urllib.request.urlopen(issuer + "/.well-known/openid-configuration", timeout=2):
+        with urllib.request.urlopen(url, timeout=2):
             return True
-    except OSError:
-        return False
+    except OSError as exc:
+        raise NotReady(f"{url} did not answer: {exc}") from None
 
 
 def _local_groups(config: FacilityConfig) -> list[str]:
