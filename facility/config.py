@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from facility.errors import UsageError
+from facility.machine import usable_cores
 
 CONFIG_ENV = "FACILITY_CONFIG"
 ENV_PREFIX = "FACILITY_"
@@ -190,7 +191,7 @@ class ClusterConfig(_Strict):
     backend: Literal["auto", "local", "kubernetes"] = Field(
         default="auto", description="auto: kubernetes inside a pod where the operator is installed")
     min_workers: int = Field(default=1, ge=0)
-    max_workers: int = Field(default_factory=lambda: max(os.cpu_count() or 1, 1), ge=1)
+    max_workers: int = Field(default_factory=usable_cores, ge=1)
     threads_per_worker: int = Field(default=1, ge=1)
     memory_limit: str = Field(default="4GiB", pattern=MEMORY_PATTERN)
     gpus_per_worker: int = Field(default=0, ge=0)

@@ -53,6 +53,7 @@ from facility.embedded.services import (
     live_process,
     tail,
 )
+from facility.machine import usable_cores
 
 OWNER_POLL_SECONDS = 0.5
 
@@ -203,10 +204,10 @@ class LocalBackend(ClusterBackend):
             reasons.append(f"this machine has {format_bytes(available)} of memory free, "
                            f"{want} workers of {format_bytes(self.request.memory)} need "
                            f"{format_bytes(needed)}")
-        cores = psutil.cpu_count() or 1
+        cores = usable_cores()
         if self.request.threads * want > cores:
             reasons.append(f"{want} workers of {self.request.threads} threads oversubscribe the "
-                           f"{cores} cores of this machine")
+                           f"{cores} cores this process may use")
         log = Supervisor(self.config.state_path).log_path(self.service_name)
         problems = [line for line in tail(log, 200).splitlines()
                     if any(sign in line for sign in ("Error", "failed", "Killed", "Traceback"))]

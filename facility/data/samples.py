@@ -27,6 +27,7 @@ from facility.data.catalog import (
     save_catalog,
 )
 from facility.data.generate import TREE_NAME, FileSpec, write_file
+from facility.machine import usable_cores
 
 
 def file_name(sample: SampleConfig, index: int) -> str:
@@ -73,7 +74,7 @@ def generate_samples(config: FacilityConfig, names: list[str] | None = None, *,
                                       index, sample.compression, sample.cluster_events))
     if specs:
         report(f"generating {len(specs)} files ({sum(s.events for s in specs):,} events)")
-        with ProcessPoolExecutor(max_workers=workers or min(len(specs), os.cpu_count() or 1)) as pool:
+        with ProcessPoolExecutor(max_workers=workers or min(len(specs), usable_cores())) as pool:
             for spec, _ in zip(specs, pool.map(write_file, specs), strict=True):
                 report(f"  wrote {spec.path.name}")
     try:

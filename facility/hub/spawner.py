@@ -33,6 +33,7 @@ from facility.hub.profiles import (
     visible_profiles,
 )
 from facility.hub.welcome import FirstStart
+from facility.machine import usable_cores
 
 FORM_STYLE = """<style>
 .facility-profile{margin:.4em 0 .9em}
@@ -52,7 +53,7 @@ def this_machine() -> Machine:
 
     Blocking (it may run ``nvidia-smi``): call it off the event loop. Asked once per process:
     the machine does not change under a running hub."""
-    return Machine(cpus=psutil.cpu_count() or 1, memory=psutil.virtual_memory().total,
+    return Machine(cpus=usable_cores(), memory=psutil.virtual_memory().total,
                    gpus=local_gpus())
 
 

@@ -1,0 +1,82 @@
+"""The cores a process may use, which the defaults count: its CPU affinity and its cgroup's quota,
+not the machine's cores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from facility.machine import usable_cores
+
+DEFAULTS = ("from facility.config import ClusterConfig; from facility.hub.spawner import "
+            "this_machine; from facility.machine import usable_cores; "
+            "print(usable_cores(), ClusterConfig().max_workers, this_machine().cpus)")
+
+
+@pytest.fixture
+def two_cores_or_more() -> None:
+    if (psutil.cpu_count() or 1) < 2:
+        pytest.skip("a machine of one core cannot show a process getting fewer cores than it")
+
+
+def test_a_process_pinned_to_one_core_gets_the_defaults_of_one_core(two_cores_or_more: None
+                                                                     ) -> None:
+    shown = subprocess.run([sys.executable, "-c", DEFAULTS], capture_output=True, text=True,
+                           check=True, preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    assert shown.stdout.split() == ["1", "1", "1"]
+
+
+def test_a_cgroup_cpu_quota_of_one_cpu_gives_one_core(two_cores_or_more: None) -> None:
+    """A real cgroup (v1 cpu controller) with a quota of one CPU, and a process moved into it."""
+    group = Path("/sys/fs/cgroup/cpu") / f"facility-test-{os.getpid()}"
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"no cgroup of the v1 cpu controller can be made here: {exc}")
+    child = subprocess.Popen([sys.executable, "-c", f"input(); {DEFAULTS}"], text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("100000")
+        (group / "cgroup.procs").write_text(str(child.pid))
+        shown, _ = child.communicate("go\n", timeout=60)
+    finally:
+        child.kill()
+        child.wait()
+        group.rmdir()
+    assert child.returncode == 0
+    assert shown.split() == ["1", "1", "1"]
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_quotas_are_found_in_either_cgroup_version_and_above_the_own_group(
+        tmp_path: Path, two_cores_or_more: None) -> None:
+    own = tmp_path / "self-cgroup"
+    machine = len(os.sched_getaffinity(0))
+
+    _write(own, "0::/kubepods/pod1/notebook\n")
+    _write(tmp_path / "kubepods/pod1/notebook/cpu.max", "max 100000\n")
+    assert usable_cores(tmp_path, own) == machine  # no quota on the way up
+    _write(tmp_path / "kubepods/pod1/cpu.max", "50000 100000\n")  # the pod's: half a CPU
+    assert usable_cores(tmp_path, own) == 1
+
+    v1 = tmp_path / "v1"
+    _write(own, "4:cpu,cpuacct:/docker/abc\n2:memory:/docker/abc\n")
+    _write(v1 / "cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "-1\n")
+    _write(v1 / "cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000\n")
+    assert usable_cores(v1, own) == machine
+    _write(v1 / "cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "90000\n")
+    assert usable_cores(v1, own) == 1
+
+    _write(own, "not a cgroup line\n")
+    assert usable_cores(v1, own) == machine
+    assert usable_cores(v1, tmp_path / "no such file") == machine
