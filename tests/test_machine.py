@@ -1,5 +1,5 @@
-"""The cores a process may use, which the defaults count: its CPU affinity and its cgroup's quota,
-not the machine's cores."""
+"""The cores and memory a process may use, which the defaults count: its CPU affinity and its
+cgroup's limits, not the machine's."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from facility.machine import usable_cores
+from facility.machine import usable_cores, usable_memory
 
 DEFAULTS = ("from facility.config import ClusterConfig; from facility.hub.spawner import "
             "this_machine; from facility.machine import usable_cores; "
-            "print(usable_cores(), ClusterConfig().max_workers, this_machine().cpus)")
+            "print(usable_cores(), ClusterConfig().max_workers, this_machine().cpus, "
+            "this_machine().memory)")
+GIB = 1 << 30
 
 
 @pytest.fixture
@@ -28,21 +30,27 @@ def test_a_process_pinned_to_one_core_gets_the_defaults_of_one_core(two_cores_or
                                                                      ) -> None:
     shown = subprocess.run([sys.executable, "-c", DEFAULTS], capture_output=True, text=True,
                            check=True, preexec_fn=lambda: os.sched_setaffinity(0, {0}))
-    assert shown.stdout.split() == ["1", "1", "1"]
+    assert shown.stdout.split()[:3] == ["1", "1", "1"]
 
 
-def test_a_cgroup_cpu_quota_of_one_cpu_gives_one_core(two_cores_or_more: None) -> None:
-    """A real cgroup (v1 cpu controller) with a quota of one CPU, and a process moved into it."""
-    group = Path("/sys/fs/cgroup/cpu") / f"facility-test-{os.getpid()}"
+@pytest.mark.parametrize(("controller", "limits", "expected"), [
+    ("cpu", {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "100000"}, ["1", "1", "1"]),
+    ("memory", {"memory.limit_in_bytes": str(GIB)}, [str(GIB)]),
+], ids=["one CPU", "1 GiB"])
+def test_a_real_cgroups_limit_is_what_the_spawner_and_the_defaults_count(
+        two_cores_or_more: None, controller: str, limits: dict[str, str], expected: list[str]
+        ) -> None:
+    """A real cgroup (v1) with a limit, and a process moved into it."""
+    group = Path("/sys/fs/cgroup") / controller / f"facility-test-{os.getpid()}"
     try:
         group.mkdir()
     except OSError as exc:
-        pytest.skip(f"no cgroup of the v1 cpu controller can be made here: {exc}")
+        pytest.skip(f"no cgroup of the v1 {controller} controller can be made here: {exc}")
     child = subprocess.Popen([sys.executable, "-c", f"input(); {DEFAULTS}"], text=True,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        (group / "cpu.cfs_period_us").write_text("100000")
-        (group / "cpu.cfs_quota_us").write_text("100000")
+        for name, value in limits.items():
+            (group / name).write_text(value)
         (group / "cgroup.procs").write_text(str(child.pid))
         shown, _ = child.communicate("go\n", timeout=60)
     finally:
@@ -50,7 +58,8 @@ def test_a_cgroup_cpu_quota_of_one_cpu_gives_one_core(two_cores_or_more: None) -
         child.wait()
         group.rmdir()
     assert child.returncode == 0
-    assert shown.split() == ["1", "1", "1"]
+    numbers = shown.split()
+    assert (numbers[:3] if controller == "cpu" else numbers[3:]) == expected
 
 
 def _write(path: Path, text: str) -> None:
@@ -58,7 +67,7 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def test_quotas_are_found_in_either_cgroup_version_and_above_the_own_group(
+def test_limits_are_found_in_either_cgroup_version_and_above_the_own_group(
         tmp_path: Path, two_cores_or_more: None) -> None:
     own = tmp_path / "self-cgroup"
     machine = len(os.sched_getaffinity(0))
@@ -77,6 +86,19 @@ def test_quotas_are_found_in_either_cgroup_version_and_above_the_own_group(
     _write(v1 / "cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "90000\n")
     assert usable_cores(v1, own) == 1
 
+    _write(own, "0::/user/lab\n")
+    total = psutil.virtual_memory().total
+    _write(tmp_path / "user/lab/memory.max", "max\n")
+    assert usable_memory(tmp_path, own) == total
+    _write(tmp_path / "user/memory.max", f"{GIB}\n")
+    assert usable_memory(tmp_path, own) == GIB
+    _write(own, "5:memory:/docker/abc\n")
+    _write(v1 / "memory/docker/abc/memory.limit_in_bytes", "9223372036854771712\n")
+    assert usable_memory(v1, own) == total
+    _write(v1 / "memory/docker/abc/memory.limit_in_bytes", f"{GIB // 2}\n")
+    assert usable_memory(v1, own) == GIB // 2
+
     _write(own, "not a cgroup line\n")
     assert usable_cores(v1, own) == machine
     assert usable_cores(v1, tmp_path / "no such file") == machine
+    assert usable_memory(v1, tmp_path / "no such file") == total

@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import psutil
 from dask.utils import parse_bytes
 from jupyterhub.spawner import SimpleLocalProcessSpawner
 from tornado import web
@@ -33,7 +32,7 @@ from facility.hub.profiles import (
     visible_profiles,
 )
 from facility.hub.welcome import FirstStart
-from facility.machine import usable_cores
+from facility.machine import usable_cores, usable_memory
 
 FORM_STYLE = """<style>
 .facility-profile{margin:.4em 0 .9em}
@@ -49,11 +48,12 @@ def user_groups(spawner: Any) -> set[str]:
 
 @functools.cache
 def this_machine() -> Machine:
-    """The cores, memory and GPUs of this machine, where the local spawner runs servers.
+    """The cores, memory and GPUs of this machine that the hub may use (its CPU affinity and
+    its cgroup's limits count), where the local spawner runs servers.
 
     Blocking (it may run ``nvidia-smi``): call it off the event loop. Asked once per process:
     the machine does not change under a running hub."""
-    return Machine(cpus=usable_cores(), memory=psutil.virtual_memory().total,
+    return Machine(cpus=usable_cores(), memory=usable_memory(),
                    gpus=local_gpus())
 
 
