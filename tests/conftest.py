@@ -118,11 +118,13 @@ def facility_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facili
     home = REPO / ".facility" / "tests" / run_name(tmp_path_factory)
     shutil.rmtree(home, ignore_errors=True)
     config = small_config(home)
-    generate_samples(config, report=lambda _: None)
-    embedded.up(config, report=lambda _: None, hub=False)
-    yield config
-    embedded.down(config, report=lambda _: None)
-    shutil.rmtree(home, ignore_errors=True)
+    try:  # what started before a failing start is stopped too
+        generate_samples(config, report=lambda _: None)
+        embedded.up(config, report=lambda _: None, hub=False)
+        yield config
+    finally:
+        embedded.down(config, report=lambda _: None)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -51,10 +51,12 @@ def cloud_facility(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Facilit
     cloud = (f"  - {{name: cloud, distance: 9, object_store: {{bucket: facility-cloud, "
              f"port: {free_port()}}}}}")
     config = small_config(home, extra_regions=cloud)
-    generate_samples(config, ["DY"], report=lambda _: None)
-    embedded.up(config, report=lambda _: None, hub=False)
-    yield config
-    embedded.down(config, report=lambda _: None)
+    try:  # what started before a failing start is stopped too
+        generate_samples(config, ["DY"], report=lambda _: None)
+        embedded.up(config, report=lambda _: None, hub=False)
+        yield config
+    finally:
+        embedded.down(config, report=lambda _: None)
     assert not admin_folder(config, "west-cache").exists()
     shutil.rmtree(tests_home, ignore_errors=True)
 
