@@ -51,10 +51,10 @@ def _limits(root: Path, own: Path, controller: str, v1: Reader, v2: Reader) -> I
         if hierarchy == "0" and not controllers:  # cgroups v2
             for mount in (root, root / "unified"):
                 yield from _each_level(mount, path, v2)
-        elif controller in controllers.split(","):  # cgroups v1, mounted under a name of its own
-            mounts = {root / controllers, root / controller, root / f"{controller},cpuacct",
-                      root / f"cpuacct,{controller}"}
-            for mount in mounts:
+        elif controller in controllers.split(","):  # cgroups v1: mounted by its controllers'
+            # names, in either order (cpu,cpuacct or cpuacct,cpu), or by the controller's own
+            names = controllers.split(",")
+            for mount in {root / controllers, root / ",".join(reversed(names)), root / controller}:
                 yield from _each_level(mount, path, v1)
 
 

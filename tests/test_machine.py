@@ -4,6 +4,7 @@ cgroup's limits, not the machine's."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,9 @@ def test_limits_are_found_in_either_cgroup_version_and_above_the_own_group(
     assert usable_cores(v1, own) == machine
     _write(v1 / "cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "90000\n")
     assert usable_cores(v1, own) == 1
+    mounted_the_other_way = tmp_path / "v1-other-order" / "cpuacct,cpu"
+    shutil.copytree(v1 / "cpu,cpuacct", mounted_the_other_way)
+    assert usable_cores(mounted_the_other_way.parent, own) == 1
 
     _write(own, "0::/user/lab\n")
     total = psutil.virtual_memory().total
