@@ -329,6 +329,42 @@ def test_a_second_job_waits_for_a_free_slot_then_runs(
     assert [j.id for j in jobs()] == [first.id, second.id]
 
 
+def test_a_jobs_record_is_among_its_outputs_once_it_has_ended(
+        facility_config: FacilityConfig, as_user: Callable[[str], None], marker_script: Path,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``job.json`` is written before the store says the job ended, so that ``job.wait()`` then
+    ``job.outputs()`` finds it; a job cancelled meanwhile gets the store's record."""
+    from facility.batch.job import Outcome, record
+
+    marker = tmp_path / "may-end"
+    handles = []
+    for name in ("ends", "cancelled"):  # one user each: a user runs one job at a time here
+        as_user(f"record-user-{name}")
+        handles.append(facility.submit(marker_script, args=[str(marker), name], workers=0))
+    wait_until(lambda: all(h.refresh().state != "queued" for h in handles), "both jobs running")
+    runner = runner_for(facility_config)
+    on_disk_when_ended: dict[int, Any] = {}
+    finish = runner.store.finish
+
+    def finish_and_look(job_id: int, *args: Any) -> bool:
+        record_file = runner.store.get(job_id).output_dir / "job.json"  # type: ignore[union-attr]
+        on_disk_when_ended[job_id] = json.loads(record_file.read_text())["state"]
+        return finish(job_id, *args)
+
+    monkeypatch.setattr(runner.store, "finish", finish_and_look)
+    first, second = (runner.store.get(h.id) for h in handles)
+    assert first is not None
+    assert second is not None
+    record(runner, first, Outcome("succeeded", 0))
+    runner.store.cancel(second.id, "cancelled meanwhile")
+    record(runner, second, Outcome("succeeded", 0))
+    assert on_disk_when_ended == {first.id: "succeeded", second.id: "succeeded"}
+    assert json.loads((first.output_dir / "job.json").read_text())["state"] == "succeeded"
+    assert json.loads((second.output_dir / "job.json").read_text())["state"] == "cancelled"
+    marker.touch()  # the jobs' own processes end, and leave the store as it is
+    assert [ended(h).state for h in handles] == ["succeeded", "cancelled"]
+
+
 def test_a_job_killed_behind_the_facilitys_back_is_reported_failed(
         facility_config: FacilityConfig, as_user: Callable[[str], None], marker_script: Path,
         tmp_path: Path) -> None:

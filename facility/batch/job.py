@@ -17,8 +17,9 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -105,19 +106,29 @@ def stop_leftovers(job: Job) -> None:
 
 
 def record(runner: JobRunner, job: Job, outcome: Outcome) -> None:
-    """The outcome into the store (unless the job was cancelled meanwhile) and ``job.json``."""
+    """``job.json``, then the outcome into the store (unless the job was cancelled meanwhile).
+
+    In that order: whoever waits for the job to end (``job.wait()``, then ``job.outputs()``)
+    finds its record among the outputs. A job cancelled meanwhile gets the store's record."""
     error = outcome.failure.message if outcome.failure else None
-    runner.store.finish(job.id, outcome.state, outcome.exit_code, error)
-    final = runner.store.get(job.id) or job
-    summary = final.record()
+    ended = replace(job, state=outcome.state, finished=time.time(), exit_code=outcome.exit_code,
+                    error=error)
+    _write_record(ended, outcome)
+    if not runner.store.finish(job.id, outcome.state, outcome.exit_code, error, ended.finished):
+        ended = runner.store.get(job.id) or ended
+        _write_record(ended, outcome)
+    if outcome.failure:
+        print(outcome.failure.report(), flush=True)
+    print(f"job {job.id}: {ended.state}", flush=True)
+
+
+def _write_record(job: Job, outcome: Outcome) -> None:
+    summary = job.record()
     summary["failure"] = outcome.failure.__dict__ if outcome.failure else None
     summary["outputs"] = [str(p.relative_to(job.output_dir)) for p in job.output_files()
                           if p.name != RECORD_FILE]
     job.output_dir.mkdir(parents=True, exist_ok=True)
     (job.output_dir / RECORD_FILE).write_text(json.dumps(summary, indent=2, default=str))
-    if outcome.failure:
-        print(outcome.failure.report(), flush=True)
-    print(f"job {job.id}: {final.state}", flush=True)
 
 
 def main(argv: list[str]) -> int:

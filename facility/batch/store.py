@@ -160,12 +160,14 @@ class JobStore:
         return bool(row and row["state"] == "running")
 
     def finish(self, job_id: int, state: JobState, exit_code: int | None = None,
-               error: str | None = None) -> bool:
-        """Record how a running job ended; False if it had already ended (e.g. cancelled)."""
+               error: str | None = None, finished: float | None = None) -> bool:
+        """Record how a running job ended (at ``finished``, default now); False if it had
+        already ended (e.g. cancelled)."""
+        ended = time.time() if finished is None else finished
         with self._transaction() as db:
             cursor = db.execute(
                 "UPDATE jobs SET state = ?, finished = ?, exit_code = ?, error = ? "
-                "WHERE id = ? AND state = 'running'", (state, time.time(), exit_code, error, job_id))
+                "WHERE id = ? AND state = 'running'", (state, ended, exit_code, error, job_id))
         return cursor.rowcount == 1
 
     def cancel(self, job_id: int, reason: str) -> JobState | None:
